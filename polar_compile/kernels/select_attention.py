@@ -1,0 +1,298 @@
+"""Selective-head decode attention: split-K flash-decoding over the selected KV groups only.
+
+For each sequence b and each selected KV group g = units[b, j] (R = H / Hkv query heads per group):
+
+    out[b, g*R + r] = softmax(scale * q[b, g*R + r] . K[b, g]^T + mask[b]) @ V[b, g]      r = 0 .. R-1
+
+and every head of an unselected group is exactly 0. Algorithm (flash-decoding, paper symbols):
+
+1. ``_select_attention_split_kernel``, grid (NUM_SPLITS, k [+1], B). Program (s, j, b) loads the R query heads of
+   group g = units[b, j] into one [BLOCK_R >= 16, BLOCK_D] tile (rows past R are zero) and streams the keys
+   n in [s * split_len, (s + 1) * split_len) of K[b, g] and V[b, g] once, BLOCK_N keys at a time, for all R heads:
+
+       m_new = max(m_i, rowmax(S))      S = scale * Q K^T + mask
+       alpha = exp(m_i - m_new)         P = exp(S - m_new)
+       l_i   = alpha * l_i + rowsum(P)  acc = alpha * acc + P V      m_i = m_new
+
+   Keys the mask rules out (False, or -inf) are never read: their K/V rows are predicated off in the loads, so
+   the unfilled tail of a static cache and left padding cost no memory traffic.
+   With one split the program writes out = acc / l_i directly and one extra program per sequence (j = k)
+   writes the zeros of the unselected groups. With several splits each program writes its fp32 partials
+   (m_i, l_i, acc) and
+2. ``_select_attention_merge_kernel``, grid (Hkv, B), merges them: program (g, b) finds the slot of group g in
+   units[b] and writes  out = sum_s exp(m_s - m) acc_s / sum_s exp(m_s - m) l_s  (m = max_s m_s), or zeros when
+   g is not selected. Every output element is written by exactly one program: no zero fill, no atomics.
+
+A query row whose keys are all masked gets l_i = 0 and output 0 (not NaN). The launch grid depends only on
+shapes and k = units.shape[1]: no host sync, CUDA-graph safe. Kernels launch through ``wrap_triton`` so the
+``polar::select_attention`` triton_op is traceable by Inductor.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
+
+__all__ = ["SelectAttentionConfig", "select_attention_config", "select_attention_triton"]
+
+
+@triton.jit
+def _slot_of_group(units_row, stride_uj, g, NUM_UNITS, BLOCK_U: tl.constexpr):
+    """Position j of group g in units[b, :NUM_UNITS], or -1 when g is not selected."""
+    offs_u = tl.arange(0, BLOCK_U)
+    u = tl.load(units_row + offs_u * stride_uj, mask=offs_u < NUM_UNITS, other=-1).to(tl.int32)
+    return tl.max(tl.where(u == g, offs_u, -1), axis=0)
+
+
+@triton.jit
+def _select_attention_split_kernel(
+    Q, K, V, UNITS, MASK, OUT, M_PART, L_PART, ACC_PART,
+    scale, kv_len, split_len, num_units, kv_heads,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ub, stride_uj,
+    stride_mb, stride_mn,
+    stride_ob, stride_oh, stride_od,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_U: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Q: [B, H, 1, D]   K, V: [B, Hkv, L, D]   UNITS: [B, k]   MASK: [B|1, 1, 1, L]   OUT: [B, H, 1, D]
+    # M_PART, L_PART: [B, k, NUM_SPLITS, GROUP] fp32   ACC_PART: [B, k, NUM_SPLITS, GROUP, D] fp32
+    LOG2E: tl.constexpr = 1.4426950408889634
+    split = tl.program_id(0)
+    j = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_r < GROUP
+    d_ok = offs_d < HEAD_DIM
+
+    if j >= num_units:
+        # One extra program per sequence (single-split launch only): zeros for every unselected group.
+        zeros = tl.zeros([BLOCK_R, BLOCK_D], dtype=OUT.dtype.element_ty)
+        for g in range(0, kv_heads):
+            if _slot_of_group(UNITS + b * stride_ub, stride_uj, g, num_units, BLOCK_U) < 0:
+                o_ptrs = OUT + b * stride_ob + (g * GROUP + offs_r[:, None]) * stride_oh + offs_d[None, :] * stride_od
+                tl.store(o_ptrs, zeros, mask=row_ok[:, None] & d_ok[None, :])
+        return
+
+    g = tl.load(UNITS + b * stride_ub + j * stride_uj).to(tl.int64)
+    heads = g * GROUP + offs_r  # [BLOCK_R] query heads of group g
+    q = tl.load(
+        Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+    )  # [BLOCK_R, BLOCK_D]
+    k_base = K + b * stride_kb + g * stride_kh + offs_d[None, :] * stride_kd
+    v_base = V + b * stride_vb + g * stride_vh + offs_d[None, :] * stride_vd
+    mask_base = MASK + b * stride_mb
+
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    start = split * split_len
+    end = tl.minimum(start + split_len, kv_len)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + offs_n  # [BLOCK_N] key positions
+        in_range = n < end
+        if MASK_IS_BOOL:
+            keep = (tl.load(mask_base + n * stride_mn, mask=in_range, other=0) != 0) & in_range
+            bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+        else:
+            bias = tl.load(mask_base + n * stride_mn, mask=in_range, other=float("-inf")).to(tl.float32)
+            keep = bias > float("-inf")
+        # Masked keys are predicated off: their K/V rows are not read.
+        kv_ok = keep[:, None] & d_ok[None, :]
+        k = tl.load(k_base + n[:, None] * stride_kn, mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
+        s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+        s = tl.where(keep[None, :], s * scale + bias[None, :], float("-inf"))  # [BLOCK_R, BLOCK_N]
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all keys so far masked: keep exp() finite
+        alpha = tl.exp2((m_i - m_safe) * LOG2E)
+        p = tl.exp2((s - m_safe[:, None]) * LOG2E)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + n[:, None] * stride_vn, mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # all keys masked: l_i = 0, acc = 0, out = 0
+        o_ptrs = OUT + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        part = (b * num_units + j) * NUM_SPLITS + split  # row of [B, k, NUM_SPLITS]
+        tl.store(M_PART + part * GROUP + offs_r, m_i, mask=row_ok)
+        tl.store(L_PART + part * GROUP + offs_r, l_i, mask=row_ok)
+        acc_ptrs = ACC_PART + (part * GROUP + offs_r[:, None]) * HEAD_DIM + offs_d[None, :]
+        tl.store(acc_ptrs, acc, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _select_attention_merge_kernel(
+    UNITS, OUT, M_PART, L_PART, ACC_PART,
+    num_units,
+    stride_ub, stride_uj,
+    stride_ob, stride_oh, stride_od,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_U: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    # M_PART, L_PART: [B, k, NUM_SPLITS, GROUP] fp32   ACC_PART: [B, k, NUM_SPLITS, GROUP, D] fp32
+    # OUT: [B, H, 1, D]; program (g, b) writes the GROUP heads of group g of sequence b.
+    LOG2E: tl.constexpr = 1.4426950408889634
+    g = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_r < GROUP
+    out_ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o_ptrs = OUT + b * stride_ob + (g * GROUP + offs_r[:, None]) * stride_oh + offs_d[None, :] * stride_od
+
+    j = _slot_of_group(UNITS + b * stride_ub, stride_uj, g, num_units, BLOCK_U)
+    if j < 0:
+        tl.store(o_ptrs, tl.zeros([BLOCK_R, BLOCK_D], dtype=OUT.dtype.element_ty), mask=out_ok)
+    else:
+        first = (b * num_units + j) * NUM_SPLITS  # partial rows first .. first + NUM_SPLITS - 1
+        m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+        for s in range(NUM_SPLITS):
+            m = tl.maximum(m, tl.load(M_PART + (first + s) * GROUP + offs_r, mask=row_ok, other=float("-inf")))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        for s in range(NUM_SPLITS):
+            row = (first + s) * GROUP + offs_r
+            w = tl.exp2((tl.load(M_PART + row, mask=row_ok, other=float("-inf")) - m_safe) * LOG2E)
+            l_sum += w * tl.load(L_PART + row, mask=row_ok, other=0.0)
+            acc_s = tl.load(ACC_PART + row[:, None] * HEAD_DIM + offs_d[None, :], mask=out_ok, other=0.0)
+            acc += w[:, None] * acc_s
+        out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]  # all keys masked: l = 0, acc = 0, out = 0
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=out_ok)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch heuristics (tuned on one H200, bf16, D=128; see benchmarks/NOTES-attention.md)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class SelectAttentionConfig(NamedTuple):
+    """How one call is launched: KV splits per (sequence, unit), keys per block, warps, pipeline stages."""
+
+    num_splits: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the Triton CPU interpreter: pretend to be an H200 so heuristics match the GPU path
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def select_attention_config(
+    batch: int, num_units: int, kv_len: int, head_dim: int, dtype: torch.dtype, device: torch.device
+) -> SelectAttentionConfig:
+    """The launch configuration for one call, from shapes alone (static, so CUDA-graph safe).
+
+    - BLOCK_N: one K+V stage is ~32 KiB (bf16 D=128: 64 keys; D=256 or fp32: 32; D<=64: 128), 3 stages.
+    - Splits: the (sequence, unit) pairs B*k must give >= ~4 programs per SM; when they don't, each pair's
+      keys are split into a power of two NUM_SPLITS chunks, each at least 4 blocks long.
+    """
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    stage_bytes = 2 * block_d * torch.finfo(dtype).bits // 8
+    block_n = max(16, min(128, 32768 // stage_bytes))
+    pairs = batch * num_units
+    want_programs = 4 * _num_sms(device)
+    num_blocks = triton.cdiv(kv_len, block_n)
+    num_splits = 1
+    while pairs * num_splits < want_programs and num_blocks // (2 * num_splits) >= 4:
+        num_splits *= 2
+    return SelectAttentionConfig(num_splits, block_n, num_warps=4, num_stages=3)
+
+
+def select_attention_triton(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    units: Tensor,
+    attn_mask: Tensor,
+    scale: float,
+    *,
+    config: SelectAttentionConfig | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Selective decode attention (semantics of ``polar::select_attention``) with the Triton kernels above.
+
+    ``config`` forces the launch configuration (tests, benchmarks); ``out`` is a preallocated contiguous
+    ``[B, H, 1, D]`` output (tests poison it to check that every element is written).
+    """
+    # query: [B, H, 1, D]   key, value: [B, Hkv, L, D]   units: [B, k]   attn_mask: [B|1, 1, 1, L]
+    batch, heads, _, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    num_units = units.shape[1]
+    group = heads // kv_heads
+    assert group * kv_heads == heads and key.shape == value.shape and attn_mask.shape[-1] == kv_len
+    if config is None:
+        config = select_attention_config(batch, num_units, kv_len, head_dim, query.dtype, query.device)
+    num_splits, block_n, num_warps, num_stages = config
+    if out is None:
+        out = torch.empty((batch, heads, 1, head_dim), dtype=query.dtype, device=query.device)
+    assert out.shape == query.shape and out.dtype == query.dtype and out.is_contiguous()
+    mask_is_bool = attn_mask.dtype == torch.bool
+    mask = attn_mask.view(torch.uint8) if mask_is_bool else attn_mask
+    stride_mb = 0 if mask.shape[0] == 1 else mask.stride(0)
+    part_shape = (batch, num_units, num_splits, group)
+    m_part = torch.empty(part_shape if num_splits > 1 else (1,), dtype=torch.float32, device=query.device)
+    l_part = torch.empty_like(m_part)
+    acc_part = torch.empty(
+        (*part_shape, head_dim) if num_splits > 1 else (1,), dtype=torch.float32, device=query.device
+    )
+    block_r = max(16, triton.next_power_of_2(group))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_u = max(2, triton.next_power_of_2(num_units))
+    # fp32 dots in IEEE precision (Triton's default is tf32). Workaround: triton 3.9's CPU interpreter multiplies
+    # the uint16 storage of bf16 operands in tl.dot (interpreter.py create_dot), so there bf16 dots run in fp32.
+    interpreted = query.device.type == "cpu"
+    upcast = query.dtype == torch.float32 or (interpreted and query.dtype == torch.bfloat16)
+    dot_dtype = tl.float32 if upcast else _TL_DTYPES[query.dtype]
+    dot_precision = "ieee" if upcast else "tf32"
+    # One split: one extra program per sequence writes the unselected groups' zeros (the merge does it otherwise).
+    grid = (num_splits, num_units + (num_splits == 1), batch)
+    split_len = triton.cdiv(triton.cdiv(kv_len, num_splits), block_n) * block_n
+    wrap_triton(_select_attention_split_kernel)[grid](
+        query, key, value, units, mask, out, m_part, l_part, acc_part,
+        scale, kv_len, split_len, num_units, kv_heads,
+        query.stride(0), query.stride(1), query.stride(3),
+        key.stride(0), key.stride(1), key.stride(2), key.stride(3),
+        value.stride(0), value.stride(1), value.stride(2), value.stride(3),
+        units.stride(0), units.stride(1),
+        stride_mb, mask.stride(3),
+        out.stride(0), out.stride(1), out.stride(3),
+        GROUP=group, HEAD_DIM=head_dim,
+        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_U=block_u,
+        NUM_SPLITS=num_splits, MASK_IS_BOOL=mask_is_bool, DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        wrap_triton(_select_attention_merge_kernel)[(kv_heads, batch)](
+            units, out, m_part, l_part, acc_part,
+            num_units,
+            units.stride(0), units.stride(1),
+            out.stride(0), out.stride(1), out.stride(3),
+            GROUP=group, HEAD_DIM=head_dim,
+            BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_U=block_u, NUM_SPLITS=num_splits,
+            num_warps=4,
+        )
+    return out
