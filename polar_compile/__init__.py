@@ -1,0 +1,24 @@
+"""polar-compile: a ``torch.compile`` backend for batched LLM decoding with Polar Sparsity.
+
+One attention site, top-down: ``backend.py`` (options -> passes -> Inductor) -> ``passes/attention.py`` (the
+rewrite; sites come from ``passes/match.py``) -> ``ops.py`` (``polar::select_attention``) ->
+``kernels/select_attention.py`` (the Triton kernel), with the routers from ``routers.py``.
+"""
+
+from .backend import attach, backend
+from .config import PolarConfig
+from .explain import ExplainReport, explain
+from .routers import RouterBank, RouterBankError
+
+__all__ = [
+    # compile
+    "PolarConfig",
+    "attach",
+    "backend",
+    # routers
+    "RouterBank",
+    "RouterBankError",
+    # inspect
+    "ExplainReport",
+    "explain",
+]

@@ -1,0 +1,70 @@
+"""``explain``: which attention sites the polar backend finds in a model's graphs, and what it does to each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backend import compile_graph
+from .config import PolarConfig
+from .passes.records import PassRecord, SiteRecord
+
+__all__ = ["ExplainReport", "explain"]
+
+
+@dataclass
+class ExplainReport:
+    """Per Dynamo graph, the records of every pass; ``sites`` flattens them in graph order."""
+
+    graphs: list[list[PassRecord]]
+
+    @property
+    def sites(self) -> list[SiteRecord]:
+        """Every matched site of every graph and pass."""
+        return [site for graph in self.graphs for record in graph for site in record.sites]
+
+    @property
+    def rewritten(self) -> list[SiteRecord]:
+        """The sites that were rewritten."""
+        return [site for site in self.sites if site.rewritten]
+
+    @property
+    def dense(self) -> list[SiteRecord]:
+        """The sites kept dense (each with its reason)."""
+        return [site for site in self.sites if not site.rewritten]
+
+    def __str__(self) -> str:
+        lines = [f"polar explain: {len(self.graphs)} graph(s), {len(self.sites)} site(s), "
+                 f"{len(self.rewritten)} rewritten"]
+        header = f"{'graph':>5} {'pass':<9} {'layer':>5} {'kind':<7} {'heads':>5} {'kv':>3} {'kept':>9}  result"
+        lines.append(header)
+        for index, graph in enumerate(self.graphs):
+            for record in graph:
+                for s in record.sites:
+                    kept = f"{s.kept}/{s.units}" if s.rewritten else "-"
+                    result = "rewritten" if s.rewritten else f"dense: {s.reason}"
+                    lines.append(f"{index:>5} {s.pass_name:<9} {s.layer!s:>5} {s.kind:<7} {s.heads!s:>5} "
+                                 f"{s.kv_heads!s:>3} {kept:>9}  {result}")
+        return "\n".join(lines)
+
+
+def explain(model: nn.Module, *example_args: Any, options: dict[str, Any] | None = None,
+            **example_kwargs: Any) -> ExplainReport:
+    """Run ``model(*example_args, **example_kwargs)`` once under ``torch.compile`` and report every site found.
+
+    ``options`` are the backend's (routers, density, passes); without routers the ones given to
+    :func:`polar_compile.attach` are used. The rewritten graphs run eagerly (no Inductor), so the call is cheap,
+    but it is a real forward: a ``StaticCache`` among the arguments advances by one step.
+    """
+    config = PolarConfig.from_options({**(options or {}), "inductor": False})
+    graphs: list[list[PassRecord]] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        return compile_graph(gm, example_inputs, config, records=graphs)
+
+    with torch.no_grad():
+        torch.compile(model, backend=recording_backend, dynamic=False)(*example_args, **example_kwargs)
+    return ExplainReport(graphs)

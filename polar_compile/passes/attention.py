@@ -1,0 +1,133 @@
+"""AttentionPass: matches decode-step SDPA sites -> rewrites each to router + ``polar::select_attention``.
+
+For a site of layer ``i`` with a router in the bank, the rewrite inserts before the SDPA call
+
+    scores = linear(router_input, W_i, b_i).reshape(-1, units)      # [B, units]
+    units_kept = topk(scores, k_i).indices                          # [B, k_i], k_i = max(1, round(d_i * units))
+    out = polar.select_attention(q, K_cache, V_cache, units_kept, mask, scale)   # [B, H, 1, D]
+
+and replaces the SDPA output with ``out``; the Q/K/V projections and cache writes are untouched, and
+``repeat_kv`` goes dead. Keeps a site dense when the matcher gives a reason, when the layer has no router, or
+when the dtype is unsupported; raises when a router does not fit the graph (a bank for another model).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from ..config import PolarConfig
+from ..ops import SUPPORTED_DTYPES
+from ..routers import RouterBankError, kept_units
+from .graph import fake_value, op_name, shape_of, static_int
+from .match import AttentionSite, find_attention_sites
+from .records import PassRecord, SiteRecord
+
+__all__ = ["AttentionPass"]
+
+_VIEW_OPS = ("reshape", "expand", "unsqueeze", "getitem", "slice", "alias")
+
+
+class AttentionPass:
+    """Rewrites decode attention into router-gated selective attention (see the module docstring)."""
+
+    name = "attention"
+
+    def __init__(self, config: PolarConfig) -> None:
+        self.config = config
+
+    def __call__(self, gm: fx.GraphModule) -> PassRecord:
+        record = PassRecord(self.name)
+        for site in find_attention_sites(gm):
+            reason = self._why_dense(site)
+            kept = None
+            if reason is None:
+                kept = kept_units(self.config.layer_density(site.layer), site.num_kv_heads)
+                self._rewrite(gm, site, kept)
+            record.sites.append(
+                SiteRecord(
+                    pass_name=self.name,
+                    layer=site.layer,
+                    module=site.module,
+                    kind="decode" if site.is_decode else "prefill",
+                    heads=site.num_heads,
+                    kv_heads=site.num_kv_heads,
+                    units=site.num_kv_heads,
+                    kept=kept,
+                    rewritten=reason is None,
+                    reason=reason or "",
+                )
+            )
+        if record.rewritten:
+            gm.graph.lint()
+            gm.recompile()
+        return record
+
+    def _why_dense(self, site: AttentionSite) -> str | None:
+        if site.dense_reason is not None:
+            return site.dense_reason
+        bank = self.config.routers
+        if bank is None or site.layer not in bank.weights:
+            return f"no router for layer {site.layer}"
+        expected = (site.num_kv_heads, site.hidden_size)
+        actual = tuple(bank.weights[site.layer].shape)
+        if actual != expected:
+            raise RouterBankError(
+                f"layer {site.layer} ({site.module}): router weight is {list(actual)}, the graph needs "
+                f"{list(expected)} ({site.num_kv_heads} {bank.shape.unit_kind}s x hidden {site.hidden_size})"
+            )
+        dtype = fake_value(site.query).dtype
+        if dtype not in SUPPORTED_DTYPES:
+            return f"dtype {dtype} is not supported (supported: {[str(d) for d in SUPPORTED_DTYPES]})"
+        if site.attn_mask is None and static_int(shape_of(site.key_cache)[2]) is None:
+            return "no attention mask and a dynamic cache length"
+        return None
+
+    def _rewrite(self, gm: fx.GraphModule, site: AttentionSite, kept: int) -> None:
+        bank = self.config.routers
+        x = site.router_input
+        x_value = fake_value(x)
+        weight_name = _register_constant(gm, f"polar_router_{site.layer}_weight", bank.weights[site.layer], x_value)
+        bias_name = _register_constant(gm, f"polar_router_{site.layer}_bias", bank.biases[site.layer], x_value)
+        graph = gm.graph
+        old_key, old_value = site.sdpa.args[1], site.sdpa.args[2]
+        with graph.inserting_before(site.sdpa):
+            weight, bias = graph.get_attr(weight_name), graph.get_attr(bias_name)
+            scores = graph.call_function(F.linear, (x, weight, bias))
+            scores = graph.call_function(torch.reshape, (scores, (-1, site.num_kv_heads)))  # [B, units]
+            top = graph.call_function(torch.topk, (scores, kept), {"dim": -1})
+            units_kept = graph.call_function(operator.getitem, (top, 1))  # [B, kept]
+            mask = site.attn_mask
+            if mask is None:
+                kv_len = static_int(shape_of(site.key_cache)[2])
+                mask = graph.call_function(
+                    torch.ones, ((1, 1, 1, kv_len),), {"dtype": torch.bool, "device": x_value.device}
+                )
+            out = graph.call_function(
+                torch.ops.polar.select_attention.default,
+                (site.query, site.key_cache, site.value_cache, units_kept, mask, site.scale),
+            )
+        for node in (weight, bias, scores, top, units_kept, out):
+            node.meta["nn_module_stack"] = site.sdpa.meta.get("nn_module_stack", {})
+        out.meta.update({k: v for k, v in site.sdpa.meta.items() if k in ("example_value", "val")})
+        site.sdpa.replace_all_uses_with(out)
+        graph.erase_node(site.sdpa)
+        for node in (old_key, old_value):
+            _erase_dead_views(graph, node)
+
+
+def _register_constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor, like: torch.Tensor) -> str:
+    """Store ``tensor`` on ``gm`` as a buffer in ``like``'s dtype and device; returns its attribute name."""
+    gm.register_buffer(name, tensor.detach().to(device=like.device, dtype=like.dtype).contiguous())
+    return name
+
+
+def _erase_dead_views(graph: fx.Graph, node: object) -> None:
+    """Erase ``node`` and the view ops above it that nothing uses any more (the dead ``repeat_kv``)."""
+    while isinstance(node, fx.Node) and not node.users and op_name(node) in _VIEW_OPS:
+        parent = node.args[0]
+        graph.erase_node(node)
+        node = parent

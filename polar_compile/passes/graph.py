@@ -1,0 +1,143 @@
+"""FX helpers shared by the passes: one table that names ops on Dynamo (torch-level) and export (ATen) graphs.
+
+Dynamo graphs call ``torch._C._nn.linear`` or ``Tensor.expand`` (``call_method``); ``torch.export`` graphs call
+``aten.linear.default`` or ``aten.expand.default``. The matcher only ever asks :func:`op_name`, so one matcher
+serves both.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+aten = torch.ops.aten
+
+# canonical name -> call_function targets (torch-level and ATen overloads)
+_FUNCTION_TARGETS: dict[str, tuple[Any, ...]] = {
+    "sdpa": (F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default),
+    "linear": (F.linear, aten.linear.default),
+    "expand": (torch.Tensor.expand, aten.expand.default),
+    "reshape": (
+        torch.reshape,
+        torch.Tensor.reshape,
+        torch.Tensor.view,
+        aten.reshape.default,
+        aten.view.default,
+        aten._unsafe_view.default,
+    ),
+    "unsqueeze": (torch.unsqueeze, torch.Tensor.unsqueeze, aten.unsqueeze.default),
+    "getitem": (operator.getitem,),
+    "slice": (aten.slice.Tensor,),
+    "alias": (aten.alias.default, torch.Tensor.contiguous, aten.contiguous.default, aten.clone.default),
+}
+_METHOD_NAMES: dict[str, str] = {
+    "expand": "expand",
+    "reshape": "reshape",
+    "view": "reshape",
+    "unsqueeze": "unsqueeze",
+    "contiguous": "alias",
+}
+_TARGET_TO_NAME: dict[Any, str] = {t: name for name, ts in _FUNCTION_TARGETS.items() for t in ts}
+
+# Argument names of the ops whose arguments the matcher reads (positional order of the torch signature).
+SIGNATURES: dict[str, tuple[str, ...]] = {
+    "sdpa": ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
+    "linear": ("input", "weight", "bias"),
+}
+SDPA_DEFAULTS: dict[str, Any] = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+def op_name(node: fx.Node) -> str | None:
+    """The canonical name of the op ``node`` calls ('sdpa', 'linear', 'expand', ...), or None if not in the table."""
+    if node.op == "call_method":
+        return _METHOD_NAMES.get(str(node.target))
+    if node.op == "call_function":
+        try:
+            return _TARGET_TO_NAME.get(node.target)
+        except TypeError:  # unhashable target
+            return None
+    return None
+
+
+def bound_args(node: fx.Node, name: str) -> dict[str, Any]:
+    """Positional and keyword arguments of ``node`` keyed by the parameter names of op ``name``."""
+    params = SIGNATURES[name]
+    bound = dict(zip(params, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def fake_value(node: Any) -> torch.Tensor | None:
+    """The fake tensor recorded for ``node`` by Dynamo (``example_value``) or export (``val``), if any."""
+    if not isinstance(node, fx.Node):
+        return None
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def shape_of(node: Any) -> tuple[Any, ...] | None:
+    """The shape of ``node``'s value (ints or SymInts), or None when unknown."""
+    value = fake_value(node)
+    return tuple(value.shape) if value is not None else None
+
+
+def static_int(value: Any) -> int | None:
+    """``value`` as a Python int when it is statically known, else None (a symbolic size)."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, torch.SymInt):
+        node = value.node
+        if node.is_constant() or (node.has_hint() and not node.expr.free_symbols):
+            return int(value)
+    return None
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """True when two sizes (ints or SymInts) are provably equal."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return bool(statically_known_true(a == b))
+
+
+_LAYER_INDEX = re.compile(r"(?:^|[._\]'])(\d+)(?=$|[._\['])")
+
+
+def module_path(node: fx.Node) -> str:
+    """The dotted path of the innermost module that produced ``node`` ('' when the graph does not record it)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    # Dynamo writes "L['self'].model.layers.0.self_attn"; export writes "model.layers.0.self_attn".
+    return re.sub(r"^L\['[^']*'\]\.?", "", str(path))
+
+
+def layer_index(node: fx.Node) -> int | None:
+    """The decoder-layer index in ``node``'s module path (the first integer component), or None."""
+    match = _LAYER_INDEX.search(module_path(node))
+    return int(match.group(1)) if match else None
+
+
+def is_full_slice(index: Any) -> bool:
+    """True for ``slice(None)``, ``slice(None, None, None)`` and ``Ellipsis`` (indexing that selects everything)."""
+    return index is Ellipsis or (isinstance(index, slice) and index == slice(None, None, None))
+
+
+def unsqueeze_dim_of_getitem(index: Sequence[Any]) -> int | None:
+    """For ``x[:, :, None, ...]``-style indices that only insert one new axis, the position of that axis."""
+    if not isinstance(index, tuple):
+        return None
+    nones = [i for i, item in enumerate(index) if item is None]
+    if len(nones) != 1 or not all(item is None or is_full_slice(item) for item in index):
+        return None
+    if any(item is Ellipsis for item in index[: nones[0]]):
+        return None
+    return nones[0]

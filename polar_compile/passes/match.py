@@ -1,0 +1,232 @@
+"""The one matcher: self-attention sites of a decode-step graph, with the parts a rewrite needs.
+
+A site is a ``scaled_dot_product_attention`` call. From it the matcher recovers, by walking the graph and never
+by module class names:
+- the query projection: the nearest ``linear`` above the SDPA query (through RoPE, q-norms, pre-scaling); its
+  input is the router input (the layer's post-norm hidden state);
+- the KV cache tensors as they sit in memory: the SDPA key/value themselves (MHA, ``enable_gqa=True``) or the
+  tensors under HF's ``repeat_kv`` (``x[:, :, None].expand(B, Hkv, R, L, D).reshape(B, H, L, D)``);
+- the mask, the scale and the decoder-layer index (from ``nn_module_stack``).
+Each site carries ``dense_reason``: None when it can be rewritten, else why it must stay dense. Calibration,
+``explain``, export and the rewrite all read sites from :func:`find_attention_sites`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from .graph import (
+    SDPA_DEFAULTS,
+    bound_args,
+    fake_value,
+    is_full_slice,
+    layer_index,
+    module_path,
+    op_name,
+    same_size,
+    shape_of,
+    static_int,
+    unsqueeze_dim_of_getitem,
+)
+
+__all__ = ["AttentionSite", "find_attention_sites"]
+
+# How far above the SDPA query the query projection may sit (RoPE, norms and reshapes are ~20 nodes).
+_QUERY_PROJECTION_SEARCH_LIMIT = 64
+
+
+@dataclass
+class AttentionSite:
+    """One SDPA call and its parts. Node fields are None where the matcher could not find them."""
+
+    sdpa: fx.Node
+    layer: int | None
+    module: str
+    query: fx.Node
+    key_cache: fx.Node | None  # [B, Hkv, L, D], before repeat_kv
+    value_cache: fx.Node | None
+    attn_mask: fx.Node | None  # [B|1, 1, 1, L]
+    scale: float | None
+    query_projection: fx.Node | None  # the linear whose input is the router input
+    num_heads: int | None
+    num_kv_heads: int | None
+    head_dim: int | None
+    query_len: int | None
+    hidden_size: int | None
+    dense_reason: str | None = None
+
+    @property
+    def router_input(self) -> fx.Node | None:
+        """The activation entering the query projection: ``[B, T, hidden]`` (or ``[B*T, hidden]``)."""
+        if self.query_projection is None:
+            return None
+        arg = self.query_projection.args[0] if self.query_projection.args else None
+        return arg if isinstance(arg, fx.Node) else self.query_projection.kwargs.get("input")
+
+    @property
+    def is_decode(self) -> bool:
+        return self.query_len == 1
+
+
+def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
+    """Every SDPA call of ``gm`` in graph order, with its parts and, where it can't be rewritten, the reason."""
+    sdpa_nodes = [n for n in gm.graph.nodes if op_name(n) == "sdpa"]
+    sites = [_match_site(node) for node in sdpa_nodes]
+    if any(site.layer is None for site in sites):
+        # No nn_module_stack: number the sites in graph order (right for a whole-model graph).
+        for order, site in enumerate(sites):
+            site.layer = order
+    return sites
+
+
+def _match_site(sdpa: fx.Node) -> AttentionSite:
+    args = {**SDPA_DEFAULTS, **bound_args(sdpa, "sdpa")}
+    query, key, value = args["query"], args["key"], args["value"]
+    q_shape, k_shape, v_shape = shape_of(query), shape_of(key), shape_of(value)
+    site = AttentionSite(
+        sdpa=sdpa,
+        layer=layer_index(sdpa),
+        module=module_path(sdpa),
+        query=query,
+        key_cache=None,
+        value_cache=None,
+        attn_mask=args["attn_mask"],
+        scale=None,
+        query_projection=None,
+        num_heads=None,
+        num_kv_heads=None,
+        head_dim=None,
+        query_len=None,
+        hidden_size=None,
+    )
+    if q_shape is None or k_shape is None or v_shape is None or len(q_shape) != 4 or len(k_shape) != 4:
+        site.dense_reason = "query/key shapes unknown or not 4-D [B, H, T, D]"
+        return site
+    site.num_heads, site.query_len, site.head_dim = (static_int(s) for s in q_shape[1:])
+    if site.num_heads is None or site.head_dim is None:
+        site.dense_reason = f"heads or head_dim are dynamic ({q_shape})"
+        return site
+    site.query_projection = _find_query_projection(query)
+    router_in = shape_of(site.router_input)
+    site.hidden_size = static_int(router_in[-1]) if router_in else None
+    site.key_cache = _unrepeated_cache(key, site.num_heads)
+    site.value_cache = _unrepeated_cache(value, site.num_heads)
+    kv_shape = shape_of(site.key_cache)
+    site.num_kv_heads = static_int(kv_shape[1]) if kv_shape else None
+    scale = args["scale"]
+    if isinstance(scale, (int, float)):
+        site.scale = float(scale)
+    elif scale is None:
+        site.scale = 1.0 / math.sqrt(site.head_dim)
+    site.dense_reason = _why_dense(site, args, v_shape)
+    return site
+
+
+def _why_dense(site: AttentionSite, args: dict, v_shape: tuple) -> str | None:
+    """The reason a matched site can't take the selective rewrite, or None."""
+    if site.query_len is None:
+        return "query length is dynamic"
+    if site.query_len != 1:
+        return f"prefill (query length {site.query_len}); only decode steps are rewritten"
+    if args["is_causal"] is not False:
+        return f"is_causal={args['is_causal']} with a single query"
+    if args["dropout_p"] != 0.0:
+        return f"dropout_p={args['dropout_p']} (attention dropout is not supported)"
+    if site.scale is None:
+        return "scale is not a constant"
+    if site.query_projection is None:
+        return "no linear query projection above the SDPA query (router input unknown)"
+    if site.hidden_size is None:
+        return "router input width is unknown or dynamic"
+    if site.key_cache is None or site.value_cache is None:
+        return "key/value are neither the KV cache nor HF's repeat_kv of it"
+    if shape_of(site.key_cache) != shape_of(site.value_cache) or static_int(v_shape[-1]) != site.head_dim:
+        return f"value shape {v_shape} differs from key's (head_dim {site.head_dim})"
+    if site.num_kv_heads is None or site.num_heads % site.num_kv_heads != 0:
+        return f"{site.num_heads} query heads are not a multiple of {site.num_kv_heads} KV heads"
+    mask = site.attn_mask
+    if mask is not None:
+        if not isinstance(mask, fx.Node):
+            return f"attn_mask is a constant {type(mask).__name__}"
+        m_shape, k_shape = shape_of(mask), shape_of(site.key_cache)
+        if m_shape is None or len(m_shape) != 4 or static_int(m_shape[1]) != 1 or static_int(m_shape[2]) != 1:
+            return f"attn_mask shape {m_shape} is not [B|1, 1, 1, L] (per-head or per-query masks stay dense)"
+        if not same_size(m_shape[3], k_shape[2]):
+            return f"attn_mask length {m_shape[3]} differs from the cache length {k_shape[2]}"
+        q_dtype, m_dtype = fake_value(site.query).dtype, fake_value(mask).dtype
+        if m_dtype not in (torch.bool, q_dtype):
+            return f"attn_mask dtype {m_dtype} is neither bool nor the query dtype {q_dtype}"
+    return None
+
+
+def _find_query_projection(query: fx.Node) -> fx.Node | None:
+    """Breadth-first up from the SDPA query to the nearest ``linear``, not searching past any linear."""
+    seen = {query}
+    frontier = deque([query])
+    while frontier and len(seen) < _QUERY_PROJECTION_SEARCH_LIMIT:
+        node = frontier.popleft()
+        if op_name(node) == "linear":
+            return node
+        for parent in node.all_input_nodes:
+            if parent not in seen and parent.op in ("call_function", "call_method"):
+                seen.add(parent)
+                frontier.append(parent)
+    return None
+
+
+def _unrepeated_cache(node: fx.Node, num_heads: int) -> fx.Node | None:
+    """The ``[B, Hkv, L, D]`` tensor that SDPA's key/value ``node`` reads, looking through HF's ``repeat_kv``.
+
+    Accepts ``node`` itself when it has ``Hkv`` dividing ``num_heads`` heads (MHA, ``enable_gqa=True``), or the
+    exact chain ``reshape(expand(unsqueeze(src, 2), [B, Hkv, R, L, D]), [B, Hkv * R, L, D])``; anything else is
+    None, so a site whose K/V come from elsewhere stays dense.
+    """
+    shape = shape_of(node)
+    if shape is None or len(shape) != 4:
+        return None
+    if op_name(node) == "reshape":
+        expanded = _skip_aliases(node.args[0])
+        e_shape = shape_of(expanded)
+        if op_name(expanded) == "expand" and e_shape is not None and len(e_shape) == 5:
+            unsqueezed = _skip_aliases(expanded.args[0])
+            source = _skip_aliases(_unsqueezed_source(unsqueezed, dim=2))
+            s_shape = shape_of(source)
+            if (
+                s_shape is not None
+                and len(s_shape) == 4
+                and all(same_size(a, b) for a, b in zip(s_shape[:2], e_shape[:2]))
+                and all(same_size(a, b) for a, b in zip(s_shape[2:], e_shape[3:]))
+                and same_size(s_shape[1] * e_shape[2], shape[1])
+            ):
+                return source
+    kv_heads = static_int(shape[1])
+    if kv_heads is not None and num_heads % kv_heads == 0:
+        return node
+    return None
+
+
+def _unsqueezed_source(node: fx.Node, dim: int) -> fx.Node | None:
+    """``src`` when ``node`` is ``src.unsqueeze(dim)`` or ``src[:, :, None]``-style indexing at ``dim``."""
+    name = op_name(node)
+    if name == "unsqueeze":
+        axis = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return node.args[0] if axis == dim else None
+    if name == "getitem" and isinstance(node.args[0], fx.Node):
+        return node.args[0] if unsqueeze_dim_of_getitem(node.args[1]) == dim else None
+    return None
+
+
+def _skip_aliases(node: fx.Node) -> fx.Node:
+    """Step over ops that return their input unchanged (full slices, aliases, ``contiguous``)."""
+    while isinstance(node, fx.Node):
+        name = op_name(node)
+        if name == "alias" or (name == "slice" and shape_of(node) == shape_of(node.args[0])) or (name == "getitem" and isinstance(node.args[1], tuple) and all(map(is_full_slice, node.args[1]))):
+            node = node.args[0]
+        else:
+            break
+    return node

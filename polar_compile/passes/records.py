@@ -1,0 +1,37 @@
+"""What each pass did to each site it found: the records ``explain`` prints and tests read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["PassRecord", "SiteRecord"]
+
+
+@dataclass(frozen=True)
+class SiteRecord:
+    """One matched site: where it is, its width, and whether it was rewritten (else why it stayed dense)."""
+
+    pass_name: str
+    layer: int | None
+    module: str
+    kind: str  # "decode" or "prefill"
+    heads: int | None
+    kv_heads: int | None
+    units: int | None  # routed units: query heads (MHA) or KV groups (GQA)
+    kept: int | None  # units kept per sequence when rewritten
+    rewritten: bool
+    reason: str  # why it stayed dense ("" when rewritten)
+
+
+@dataclass
+class PassRecord:
+    """The records of one pass over one graph."""
+
+    name: str
+    sites: list[SiteRecord] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def rewritten(self) -> int:
+        """How many sites this pass rewrote."""
+        return sum(site.rewritten for site in self.sites)
