@@ -68,7 +68,7 @@ def op_name(node: fx.Node) -> str | None:
 def bound_args(node: fx.Node, name: str) -> dict[str, Any]:
     """Positional and keyword arguments of ``node`` keyed by the parameter names of op ``name``."""
     params = SIGNATURES[name]
-    bound = dict(zip(params, node.args))
+    bound = dict(zip(params, node.args, strict=False))
     bound.update(node.kwargs)
     return bound
 

@@ -199,8 +199,8 @@ def _unrepeated_cache(node: fx.Node, num_heads: int) -> fx.Node | None:
             if (
                 s_shape is not None
                 and len(s_shape) == 4
-                and all(same_size(a, b) for a, b in zip(s_shape[:2], e_shape[:2]))
-                and all(same_size(a, b) for a, b in zip(s_shape[2:], e_shape[3:]))
+                and all(same_size(a, b) for a, b in zip(s_shape[:2], e_shape[:2], strict=False))
+                and all(same_size(a, b) for a, b in zip(s_shape[2:], e_shape[3:], strict=False))
                 and same_size(s_shape[1] * e_shape[2], shape[1])
             ):
                 return source
