@@ -81,7 +81,7 @@ def _select_attention_split_kernel(
         # One extra program per sequence (single-split launch only): zeros for every unselected group.
         zeros = tl.zeros([BLOCK_R, BLOCK_D], dtype=OUT.dtype.element_ty)
         for g in range(0, kv_heads):
-            if _slot_of_group(UNITS + b * stride_ub, stride_uj, g, num_units, BLOCK_U) < -1:
+            if _slot_of_group(UNITS + b * stride_ub, stride_uj, g, num_units, BLOCK_U) < 0:
                 o_ptrs = OUT + b * stride_ob + (g * GROUP + offs_r[:, None]) * stride_oh + offs_d[None, :] * stride_od
                 tl.store(o_ptrs, zeros, mask=row_ok[:, None] & d_ok[None, :])
         return
