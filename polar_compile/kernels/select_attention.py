@@ -6,7 +6,7 @@ For each sequence b and each selected KV group g = units[b, j] (R = H / Hkv quer
 
 and every head of an unselected group is exactly 0. Algorithm (flash-decoding, paper symbols):
 
-1. ``_select_attention_split_kernel``, grid (NUM_SPLITS, k [+1], B). Program (s, j, b) loads the R query heads of
+1. ``_select_attention_split_kernel``, grid (num_splits, k [+1], B). Program (s, j, b) loads the R query heads of
    group g = units[b, j] into one [BLOCK_R >= 16, BLOCK_D] tile (rows past R are zero) and streams the keys
    n in [s * split_len, (s + 1) * split_len) of K[b, g] and V[b, g] once, BLOCK_N keys at a time, for all R heads:
 
@@ -53,7 +53,7 @@ def _slot_of_group(units_row, stride_uj, g, NUM_UNITS, BLOCK_U: tl.constexpr):
 @triton.jit
 def _select_attention_split_kernel(
     Q, K, V, UNITS, MASK, OUT, M_PART, L_PART, ACC_PART,
-    scale, kv_len, split_len, num_units, kv_heads,
+    scale, kv_len, split_len, num_splits, num_units, kv_heads,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -62,11 +62,11 @@ def _select_attention_split_kernel(
     stride_ob, stride_oh, stride_od,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_U: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    SPLIT_K: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Q: [B, H, 1, D]   K, V: [B, Hkv, L, D]   UNITS: [B, k]   MASK: [B|1, 1, 1, L]   OUT: [B, H, 1, D]
-    # M_PART, L_PART: [B, k, NUM_SPLITS, GROUP] fp32   ACC_PART: [B, k, NUM_SPLITS, GROUP, D] fp32
+    # M_PART, L_PART: [B, k, num_splits, GROUP] fp32   ACC_PART: [B, k, num_splits, GROUP, D] fp32 (if SPLIT_K)
     LOG2E: tl.constexpr = 1.4426950408889634
     split = tl.program_id(0)
     j = tl.program_id(1)
@@ -124,12 +124,12 @@ def _select_attention_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         m_i = m_new
 
-    if NUM_SPLITS == 1:
+    if not SPLIT_K:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # all keys masked: l_i = 0, acc = 0, out = 0
         o_ptrs = OUT + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:
-        part = (b * num_units + j) * NUM_SPLITS + split  # row of [B, k, NUM_SPLITS]
+        part = (b * num_units + j) * num_splits + split  # row of [B, k, num_splits]
         tl.store(M_PART + part * GROUP + offs_r, m_i, mask=row_ok)
         tl.store(L_PART + part * GROUP + offs_r, l_i, mask=row_ok)
         acc_ptrs = ACC_PART + (part * GROUP + offs_r[:, None]) * HEAD_DIM + offs_d[None, :]
@@ -273,7 +273,7 @@ def select_attention_triton(
     split_len = triton.cdiv(triton.cdiv(kv_len, num_splits), block_n) * block_n
     wrap_triton(_select_attention_split_kernel)[grid](
         query, key, value, units, mask, out, m_part, l_part, acc_part,
-        scale, kv_len, split_len, num_units, kv_heads,
+        scale, kv_len, split_len, num_splits, num_units, kv_heads,
         query.stride(0), query.stride(1), query.stride(3),
         key.stride(0), key.stride(1), key.stride(2), key.stride(3),
         value.stride(0), value.stride(1), value.stride(2), value.stride(3),
@@ -282,7 +282,7 @@ def select_attention_triton(
         out.stride(0), out.stride(1), out.stride(3),
         GROUP=group, HEAD_DIM=head_dim,
         BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_U=block_u,
-        NUM_SPLITS=num_splits, MASK_IS_BOOL=mask_is_bool, DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision,
+        SPLIT_K=num_splits > 1, MASK_IS_BOOL=mask_is_bool, DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
