@@ -297,8 +297,6 @@ def main():
     result = dict(env=env)
     if args.check:
         check(log)
-    if args.sweep:
-        result["sweep"] = sweep(log)
     if args.table:
         result["table"] = table(log)
         result["masked"] = masked_rows(log)
@@ -306,6 +304,10 @@ def main():
                   "time per call (CUDA graph replay, median), TB/s on K/V bytes read, ratio to cuDNN dense.")
         with open(os.path.join(args.out, "attention.md"), "w") as f:
             f.write(markdown(result["table"], header))
+        with open(os.path.join(args.out, "attention.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    if args.sweep:
+        result["sweep"] = sweep(log)
     with open(os.path.join(args.out, "attention.json"), "w") as f:
         json.dump(result, f, indent=1)
 
