@@ -251,7 +251,7 @@ def select_attention_triton(
         out = torch.empty((batch, heads, 1, head_dim), dtype=query.dtype, device=query.device)
     assert out.shape == query.shape and out.dtype == query.dtype and out.is_contiguous()
     mask_is_bool = attn_mask.dtype == torch.bool
-    mask = attn_mask.view(torch.uint8) if mask_is_bool else attn_mask
+    mask = attn_mask  # bool masks load as int1 (a view as uint8 would not lower in Inductor, torch 2.11)
     stride_mb = 0 if mask.shape[0] == 1 else mask.stride(0)
     part_shape = (batch, num_units, num_splits, group)
     m_part = torch.empty(part_shape if num_splits > 1 else (1,), dtype=torch.float32, device=query.device)
