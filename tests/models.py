@@ -1,0 +1,113 @@
+"""Tiny stock Hugging Face decoders of several families, and a decode-step driver, for the tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+    StaticCache,
+)
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt")
+VOCAB = 97
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """The knobs a test draws: family, widths, heads, layers, biases."""
+
+    family: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+    bias: bool = False
+
+    @property
+    def hidden(self) -> int:
+        return self.heads * self.head_dim
+
+
+def tiny_config(spec: TinySpec) -> PretrainedConfig:
+    """A small random-weight config of ``spec.family``."""
+    common = dict(vocab_size=VOCAB, hidden_size=spec.hidden, num_hidden_layers=spec.layers,
+                  num_attention_heads=spec.heads, max_position_embeddings=128)
+    if spec.family == "opt":
+        return OPTConfig(**common, ffn_dim=2 * spec.hidden, word_embed_proj_dim=spec.hidden, enable_bias=spec.bias,
+                         do_layer_norm_before=True, dropout=0.0, attention_dropout=0.0)
+    llama_like = dict(**common, num_key_value_heads=spec.kv_heads, head_dim=spec.head_dim,
+                      intermediate_size=2 * spec.hidden, tie_word_embeddings=False)
+    if spec.family == "llama":
+        return LlamaConfig(**llama_like, attention_bias=spec.bias)
+    if spec.family == "mistral":
+        return MistralConfig(**llama_like, sliding_window=None)
+    if spec.family == "qwen2":
+        return Qwen2Config(**llama_like, use_sliding_window=False)
+    if spec.family == "qwen3":
+        return Qwen3Config(**llama_like, attention_bias=spec.bias, use_sliding_window=False)
+    raise ValueError(f"unknown family {spec.family!r}; known: {FAMILIES}")
+
+
+def tiny_model(spec: TinySpec, seed: int = 0) -> nn.Module:
+    """A random-weight fp32 model of ``spec`` in eval mode, with SDPA attention."""
+    torch.manual_seed(seed)
+    config = tiny_config(spec)
+    config._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # HF initialises small; larger weights make heads differ visibly
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0.0, 0.3 / parameter.shape[1] ** 0.25)
+    return model
+
+
+def attention_modules(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """Per layer, the (query projection, output projection) modules: the test's own knowledge of HF layouts."""
+    decoder = model.model.decoder if hasattr(model.model, "decoder") else model.model
+    pairs = []
+    for layer in decoder.layers:
+        attn = layer.self_attn
+        pairs.append((attn.q_proj, getattr(attn, "o_proj", None) or attn.out_proj))
+    return pairs
+
+
+class DecodeDriver:
+    """Prefills a batch into a fresh ``StaticCache`` eagerly and builds the next decode step's inputs."""
+
+    def __init__(self, model: nn.Module, batch: int, prompt_len: int, max_cache_len: int, pad: list[int] | None = None,
+                 seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.model = model
+        self.batch, self.prompt_len, self.max_cache_len = batch, prompt_len, max_cache_len
+        self.prompt = torch.randint(1, VOCAB, (batch, prompt_len), generator=generator)
+        self.next_ids = torch.randint(1, VOCAB, (batch, 1), generator=generator)
+        self.attention_mask = torch.ones(batch, prompt_len + 1, dtype=torch.long)
+        for row, pad_len in enumerate(pad or []):
+            self.attention_mask[row, :pad_len] = 0  # left padding
+
+    def prefill(self) -> StaticCache:
+        """A cache holding the prompt, filled by the eager model."""
+        cache = StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
+        with torch.no_grad():
+            self.model(**self._inputs(self.prompt, cache, 0))
+        return cache
+
+    def decode_inputs(self, cache: StaticCache) -> dict:
+        """Keyword arguments of one decode step after the prompt."""
+        return self._inputs(self.next_ids, cache, self.prompt_len)
+
+    def _inputs(self, ids: torch.Tensor, cache: StaticCache, start: int) -> dict:
+        length = ids.shape[1]
+        mask = self.attention_mask[:, : start + length]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
+        return dict(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True,
+                    cache_position=torch.arange(start, start + length), position_ids=positions)

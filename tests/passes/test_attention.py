@@ -1,0 +1,124 @@
+"""The attention rewrite on stock HF decoders: sites found, numbers against an independent hook reference."""
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import StaticCache
+
+import polar_compile
+from polar_compile.testing import random_routers
+from tests.models import FAMILIES, DecodeDriver, TinySpec, attention_modules, tiny_model
+
+
+@st.composite
+def specs(draw):
+    family = draw(st.sampled_from(FAMILIES))
+    heads = draw(st.sampled_from([2, 4, 6, 8]))
+    kv_heads = heads if family == "opt" else draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]))
+    return TinySpec(family, heads=heads, kv_heads=kv_heads, head_dim=draw(st.sampled_from([4, 8, 16])),
+                    layers=draw(st.integers(2, 4)), bias=draw(st.booleans()))
+
+
+def hooked_reference(model, bank, density, inputs):
+    """Logits of the eager model with hooks that zero, before the output projection, the heads of the units
+    the router did not pick: written from the router tensors alone, in float64 scores."""
+    captured, handles = {}, []
+    config = model.config
+    heads = config.num_attention_heads
+    units = getattr(config, "num_key_value_heads", None) or heads
+    for layer, (q_proj, o_proj) in enumerate(attention_modules(model)):
+        if layer not in bank.weights:
+            continue
+        weight, bias = bank.weights[layer].double(), bank.biases[layer].double()
+        keep = max(1, round(density * units))
+
+        def capture(module, args, layer=layer):
+            captured[layer] = args[0]
+
+        def gate(module, args, layer=layer, weight=weight, bias=bias, keep=keep):
+            z = args[0]  # [B, 1, H * D]
+            scores = captured[layer].double() @ weight.T + bias  # [B, 1, units]
+            chosen = torch.zeros_like(scores).scatter(-1, scores.topk(keep, dim=-1).indices, 1.0)
+            head_mask = chosen.repeat_interleave(heads // units, dim=-1)  # [B, 1, H]
+            z = z.view(*z.shape[:-1], heads, -1) * head_mask[..., None].to(z.dtype)
+            return (z.flatten(-2),)
+
+        handles += [q_proj.register_forward_pre_hook(capture), o_proj.register_forward_pre_hook(gate)]
+    try:
+        with torch.no_grad():
+            return model(**inputs).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def compiled_logits(model, bank, density, inputs):
+    step = torch.compile(model.forward, backend=polar_compile.backend(bank, density, inductor=False), fullgraph=True)
+    with torch.no_grad():
+        return step(**inputs).logits
+
+
+@settings(max_examples=12, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=specs(), density=st.sampled_from([0.25, 0.5, 0.75]), batch=st.integers(1, 3), seed=st.integers(0, 99),
+       data=st.data())
+def test_decode_rewrite_matches_hook_reference(spec, density, batch, seed, data):
+    model = tiny_model(spec, seed=seed)
+    bank = random_routers(model, seed=seed)
+    pad = [data.draw(st.integers(0, 3)) for _ in range(batch)]
+    driver = DecodeDriver(model, batch=batch, prompt_len=4, max_cache_len=12, pad=pad, seed=seed)
+
+    report = polar_compile.explain(model, options={"routers": bank, "density": density},
+                                   **driver.decode_inputs(driver.prefill()))
+    assert len(report.graphs) == 1
+    assert sorted(s.layer for s in report.rewritten) == list(range(1, spec.layers))
+    assert [s.reason for s in report.dense] == ["no router for layer 0"]
+
+    torch._dynamo.reset()
+    dense = hooked_reference(model, bank, 1.0, driver.decode_inputs(driver.prefill()))
+    with torch.no_grad():
+        uncompiled = model(**driver.decode_inputs(driver.prefill())).logits
+    torch.testing.assert_close(dense, uncompiled)
+    polar_full = compiled_logits(model, bank, 1.0, driver.decode_inputs(driver.prefill()))
+    torch.testing.assert_close(polar_full, uncompiled, atol=2e-5, rtol=1e-4)
+
+    torch._dynamo.reset()
+    expected = hooked_reference(model, bank, density, driver.decode_inputs(driver.prefill()))
+    polar = compiled_logits(model, bank, density, driver.decode_inputs(driver.prefill()))
+    torch.testing.assert_close(polar, expected, atol=2e-5, rtol=1e-4)
+    if max(1, round(density * spec.kv_heads)) < spec.kv_heads:
+        assert (polar - uncompiled).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_stays_dense(family):
+    model = tiny_model(TinySpec(family, heads=4, kv_heads=4 if family == "opt" else 2, head_dim=8, layers=2))
+    driver = DecodeDriver(model, batch=2, prompt_len=5, max_cache_len=12)
+    cache = StaticCache(config=model.config, max_cache_len=12)
+    report = polar_compile.explain(model, options={"routers": random_routers(model)},
+                                   **driver._inputs(driver.prompt, cache, 0))
+    assert len(report.sites) == 2 and not report.rewritten
+    assert all(s.kind == "prefill" and s.reason.startswith("prefill (query length 5)") for s in report.sites)
+
+
+def test_no_routers_compiles_dense_with_one_warning():
+    model = tiny_model(TinySpec("llama", heads=4, kv_heads=2, head_dim=8, layers=2))
+    driver = DecodeDriver(model, batch=2, prompt_len=3, max_cache_len=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = polar_compile.explain(model, **driver.decode_inputs(driver.prefill()))
+    messages = [str(w.message) for w in caught if "polar" in str(w.message)]
+    assert len(messages) == 1 and "polar_compile.calibrate" in messages[0]
+    assert not report.rewritten and {s.reason for s in report.sites} == {"no router for layer 0", "no router for layer 1"}
+
+
+def test_bank_for_another_model_is_rejected_naming_the_layer():
+    model = tiny_model(TinySpec("llama", heads=4, kv_heads=2, head_dim=8, layers=2))
+    other = tiny_model(TinySpec("llama", heads=4, kv_heads=4, head_dim=8, layers=2))
+    driver = DecodeDriver(model, batch=1, prompt_len=3, max_cache_len=8)
+    with pytest.raises(polar_compile.RouterBankError, match="num_kv_heads is 4 in the bank, 2 in the model"):
+        polar_compile.attach(model, random_routers(other))
+    with pytest.raises(Exception, match=r"layer 1 .*router weight is \[4, 32\], the graph needs \[2, 32\]"):
+        compiled_logits(model, random_routers(other), 0.5, driver.decode_inputs(driver.prefill()))
