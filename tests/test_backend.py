@@ -1,0 +1,66 @@
+"""The polar backend through torch.compile: entry point, options, attach, modes, Inductor."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import polar_compile
+from polar_compile.testing import random_routers
+from tests.models import DecodeDriver, TinySpec, tiny_model
+
+
+def test_backend_resolves_by_name_without_import():
+    script = textwrap.dedent("""
+        import sys, warnings, torch
+        warnings.simplefilter("ignore")
+        fn = torch.compile(lambda x: torch.nn.functional.relu(x) * 2, backend="polar", options={"inductor": False})
+        x = torch.randn(5)
+        assert torch.equal(fn(x), torch.relu(x) * 2)
+        from torch._dynamo import lookup_backend
+        print(lookup_backend("polar").__module__, "polar_compile" in sys.modules)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["polar_compile.backend", "True"]
+
+
+def decode(model, backend, driver, **compile_kwargs):
+    step = torch.compile(model.forward, backend=backend, fullgraph=True, **compile_kwargs)
+    with torch.no_grad():
+        return step(**driver.decode_inputs(driver.prefill())).logits
+
+
+@pytest.mark.slow
+def test_inductor_reduce_overhead_with_attached_routers_matches_eager_rewrite():
+    model = tiny_model(TinySpec("llama", heads=4, kv_heads=2, head_dim=8, layers=2), seed=3)
+    driver = DecodeDriver(model, batch=3, prompt_len=4, max_cache_len=8, pad=[0, 1, 2], seed=3)
+    bank = random_routers(model, seed=3)
+    eager = decode(model, polar_compile.backend(bank, 0.5, inductor=False), driver)
+    torch._dynamo.reset()
+    polar_compile.attach(model, bank, density=0.5)
+    inductor = decode(model, "polar", driver, mode="reduce-overhead")
+    torch.testing.assert_close(inductor, eager, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        dense = model(**driver.decode_inputs(driver.prefill())).logits
+    assert (inductor - dense).abs().max() > 1e-3
+
+
+def test_options_reach_the_backend():
+    model = tiny_model(TinySpec("qwen3", heads=4, kv_heads=2, head_dim=8, layers=2))
+    driver = DecodeDriver(model, batch=2, prompt_len=3, max_cache_len=8)
+    bank = random_routers(model)
+    polar = decode(model, "polar", driver, options={"routers": bank, "density": 0.5, "inductor": False})
+    torch._dynamo.reset()
+    factory = decode(model, polar_compile.backend(bank, 0.5, inductor=False), driver)
+    torch.testing.assert_close(polar, factory, atol=0, rtol=0)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"unknown polar option\(s\) \['dens'\]"):
+        decode(model, "polar", driver, options={"dens": 0.5})
+
+
+def test_attach_checks_density_and_model():
+    model = tiny_model(TinySpec("llama", heads=4, kv_heads=2, head_dim=8, layers=2))
+    with pytest.raises(ValueError, match=r"density must be a number in \(0, 1\], got 1.5"):
+        polar_compile.attach(model, random_routers(model), density=1.5)
