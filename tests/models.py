@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -111,3 +113,38 @@ class DecodeDriver:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
         return dict(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True,
                     cache_position=torch.arange(start, start + length), position_ids=positions)
+
+
+@contextmanager
+def gated_heads(model: nn.Module, bank, density: float) -> Iterator[None]:
+    """Hooks that, at decode steps (one query token), zero before the output projection the heads of the units
+    the router did not pick: written from the router tensors alone, with float64 scores."""
+    captured, handles = {}, []
+    config = model.config
+    heads = config.num_attention_heads
+    units = getattr(config, "num_key_value_heads", None) or heads
+    for layer, (q_proj, o_proj) in enumerate(attention_modules(model)):
+        if layer not in bank.weights:
+            continue
+        weight, bias = bank.weights[layer].double(), bank.biases[layer].double()
+        keep = max(1, round(density * units))
+
+        def capture(module, args, layer=layer):
+            captured[layer] = args[0]
+
+        def gate(module, args, layer=layer, weight=weight, bias=bias, keep=keep):
+            z = args[0]  # [B, T, H * D]
+            if z.shape[1] != 1:
+                return None  # prefill stays dense
+            scores = captured[layer].double() @ weight.T + bias  # [B, 1, units]
+            chosen = torch.zeros_like(scores).scatter(-1, scores.topk(keep, dim=-1).indices, 1.0)
+            head_mask = chosen.repeat_interleave(heads // units, dim=-1)  # [B, 1, H]
+            z = z.view(*z.shape[:-1], heads, -1) * head_mask[..., None].to(z.dtype)
+            return (z.flatten(-2),)
+
+        handles += [q_proj.register_forward_pre_hook(capture), o_proj.register_forward_pre_hook(gate)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -10,7 +10,7 @@ from transformers import StaticCache
 
 import polar_compile
 from polar_compile.testing import random_routers
-from tests.models import FAMILIES, DecodeDriver, TinySpec, attention_modules, tiny_model
+from tests.models import FAMILIES, DecodeDriver, TinySpec, gated_heads, tiny_model
 
 
 @st.composite
@@ -23,36 +23,9 @@ def specs(draw):
 
 
 def hooked_reference(model, bank, density, inputs):
-    """Logits of the eager model with hooks that zero, before the output projection, the heads of the units
-    the router did not pick: written from the router tensors alone, in float64 scores."""
-    captured, handles = {}, []
-    config = model.config
-    heads = config.num_attention_heads
-    units = getattr(config, "num_key_value_heads", None) or heads
-    for layer, (q_proj, o_proj) in enumerate(attention_modules(model)):
-        if layer not in bank.weights:
-            continue
-        weight, bias = bank.weights[layer].double(), bank.biases[layer].double()
-        keep = max(1, round(density * units))
-
-        def capture(module, args, layer=layer):
-            captured[layer] = args[0]
-
-        def gate(module, args, layer=layer, weight=weight, bias=bias, keep=keep):
-            z = args[0]  # [B, 1, H * D]
-            scores = captured[layer].double() @ weight.T + bias  # [B, 1, units]
-            chosen = torch.zeros_like(scores).scatter(-1, scores.topk(keep, dim=-1).indices, 1.0)
-            head_mask = chosen.repeat_interleave(heads // units, dim=-1)  # [B, 1, H]
-            z = z.view(*z.shape[:-1], heads, -1) * head_mask[..., None].to(z.dtype)
-            return (z.flatten(-2),)
-
-        handles += [q_proj.register_forward_pre_hook(capture), o_proj.register_forward_pre_hook(gate)]
-    try:
-        with torch.no_grad():
-            return model(**inputs).logits
-    finally:
-        for handle in handles:
-            handle.remove()
+    """Logits of the eager model with the test's own head gating (see ``gated_heads``)."""
+    with gated_heads(model, bank, density), torch.no_grad():
+        return model(**inputs).logits
 
 
 def compiled_logits(model, bank, density, inputs):
