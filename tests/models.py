@@ -136,7 +136,8 @@ def gated_heads(model: nn.Module, bank, density: float) -> Iterator[None]:
             z = args[0]  # [B, T, H * D]
             if z.shape[1] != 1:
                 return None  # prefill stays dense
-            scores = captured[layer].double() @ weight.T + bias  # [B, 1, units]
+            x = captured[layer].double()
+            scores = x @ weight.to(x.device).T + bias.to(x.device)  # [B, 1, units]
             chosen = torch.zeros_like(scores).scatter(-1, scores.topk(keep, dim=-1).indices, 1.0)
             head_mask = chosen.repeat_interleave(heads // units, dim=-1)  # [B, 1, H]
             z = z.view(*z.shape[:-1], heads, -1) * head_mask[..., None].to(z.dtype)
