@@ -43,17 +43,34 @@ __all__ = ["SelectAttentionConfig", "select_attention_config", "select_attention
 
 
 @triton.jit
-def _slot_of_group(units_row, stride_uj, g, NUM_UNITS, BLOCK_U: tl.constexpr):
-    """Position j of group g in units[b, :NUM_UNITS], or -1 when g is not selected."""
-    offs_u = tl.arange(0, BLOCK_U)
-    u = tl.load(units_row + offs_u * stride_uj, mask=offs_u < NUM_UNITS, other=-1).to(tl.int32)
-    return tl.max(tl.where(u == g, offs_u, -1), axis=0)
+def _load_mask(mask_row, n, stride_mn, limit, MASK_IS_BOOL: tl.constexpr):
+    """keep[n] (key n is attended) and bias[n] (the additive mask, fp32) for key positions n < limit."""
+    if MASK_IS_BOOL:
+        keep = (tl.load(mask_row + n * stride_mn, mask=n < limit, other=0) != 0) & (n < limit)
+        bias = tl.zeros(n.shape, dtype=tl.float32)
+    else:
+        bias = tl.load(mask_row + n * stride_mn, mask=n < limit, other=float("-inf")).to(tl.float32)
+        keep = bias > float("-inf")
+    return keep, bias
+
+
+@triton.jit
+def _attended_range(mask_row, stride_mn, kv_len, MASK_IS_BOOL: tl.constexpr, BLOCK_SCAN: tl.constexpr):
+    """[lo, hi): from the first to past the last attended key of one sequence (lo >= hi when none is)."""
+    lo = kv_len
+    hi = 0
+    for c in range(0, kv_len, BLOCK_SCAN):
+        n = c + tl.arange(0, BLOCK_SCAN)
+        keep, _ = _load_mask(mask_row, n, stride_mn, kv_len, MASK_IS_BOOL)
+        lo = tl.minimum(lo, tl.min(tl.where(keep, n, kv_len), axis=0))
+        hi = tl.maximum(hi, tl.max(tl.where(keep, n + 1, 0), axis=0))
+    return lo, hi
 
 
 @triton.jit
 def _select_attention_split_kernel(
     Q, K, V, UNITS, MASK, OUT, M_PART, L_PART, ACC_PART,
-    scale, kv_len, split_len, num_splits, num_units, kv_heads,
+    scale, kv_len, num_splits, num_units, kv_heads,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -62,7 +79,7 @@ def _select_attention_split_kernel(
     stride_ob, stride_oh, stride_od,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_U: tl.constexpr,
-    SPLIT_K: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    BLOCK_SCAN: tl.constexpr, SPLIT_K: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Q: [B, H, 1, D]   K, V: [B, Hkv, L, D]   UNITS: [B, k]   MASK: [B|1, 1, 1, L]   OUT: [B, H, 1, D]
@@ -78,12 +95,16 @@ def _select_attention_split_kernel(
     d_ok = offs_d < HEAD_DIM
 
     if j >= num_units:
-        # One extra program per sequence (single-split launch only): zeros for every unselected group.
-        zeros = tl.zeros([BLOCK_R, BLOCK_D], dtype=OUT.dtype.element_ty)
-        for g in range(0, kv_heads):
-            if _slot_of_group(UNITS + b * stride_ub, stride_uj, g, num_units, BLOCK_U) < 0:
+        # The extra program of each sequence (split 0 only) writes zeros to every head of every unselected group.
+        if split == 0:
+            offs_u = tl.arange(0, BLOCK_U)
+            units = tl.load(UNITS + b * stride_ub + offs_u * stride_uj, mask=offs_u < num_units, other=-1)
+            zeros = tl.zeros([BLOCK_R, BLOCK_D], dtype=OUT.dtype.element_ty)
+            for g in range(0, kv_heads):
+                selected = tl.sum((units == g).to(tl.int32), axis=0) > 0
+                zero_rows = offs_r < tl.where(selected, 0, GROUP)  # all GROUP heads of g, or none
                 o_ptrs = OUT + b * stride_ob + (g * GROUP + offs_r[:, None]) * stride_oh + offs_d[None, :] * stride_od
-                tl.store(o_ptrs, zeros, mask=row_ok[:, None] & d_ok[None, :])
+                tl.store(o_ptrs, zeros, mask=zero_rows[:, None] & d_ok[None, :])
         return
 
     g = tl.load(UNITS + b * stride_ub + j * stride_uj).to(tl.int64)
@@ -94,22 +115,22 @@ def _select_attention_split_kernel(
     )  # [BLOCK_R, BLOCK_D]
     k_base = K + b * stride_kb + g * stride_kh + offs_d[None, :] * stride_kd
     v_base = V + b * stride_vb + g * stride_vh + offs_d[None, :] * stride_vd
-    mask_base = MASK + b * stride_mb
+    mask_row = MASK + b * stride_mb
 
+    # Split the attended range [lo, hi) (not [0, L): the unfilled tail and left padding) into whole blocks.
+    lo, hi = _attended_range(mask_row, stride_mn, kv_len, MASK_IS_BOOL, BLOCK_SCAN)
+    first = (lo // BLOCK_N) * BLOCK_N
+    blocks_per_split = tl.cdiv(tl.maximum(hi - first, 0), BLOCK_N * num_splits)
+    start = first + split * blocks_per_split * BLOCK_N
+    end = tl.minimum(start + blocks_per_split * BLOCK_N, hi)
+
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    start = split * split_len
-    end = tl.minimum(start + split_len, kv_len)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + offs_n  # [BLOCK_N] key positions
-        in_range = n < end
-        if MASK_IS_BOOL:
-            keep = (tl.load(mask_base + n * stride_mn, mask=in_range, other=0) != 0) & in_range
-            bias = tl.zeros([BLOCK_N], dtype=tl.float32)
-        else:
-            bias = tl.load(mask_base + n * stride_mn, mask=in_range, other=float("-inf")).to(tl.float32)
-            keep = bias > float("-inf")
+        keep, bias = _load_mask(mask_row, n, stride_mn, end, MASK_IS_BOOL)
         # Masked keys are predicated off: their K/V rows are not read.
         kv_ok = keep[:, None] & d_ok[None, :]
         k = tl.load(k_base + n[:, None] * stride_kn, mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
@@ -143,38 +164,40 @@ def _select_attention_merge_kernel(
     stride_ub, stride_uj,
     stride_ob, stride_oh, stride_od,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_U: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
     # M_PART, L_PART: [B, k, NUM_SPLITS, GROUP] fp32   ACC_PART: [B, k, NUM_SPLITS, GROUP, D] fp32
-    # OUT: [B, H, 1, D]; program (g, b) writes the GROUP heads of group g of sequence b.
+    # OUT: [B, H, 1, D]; program (j, b) writes the GROUP heads of group units[b, j].
     LOG2E: tl.constexpr = 1.4426950408889634
-    g = tl.program_id(0)
+    j = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_r < GROUP
     out_ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o_ptrs = OUT + b * stride_ob + (g * GROUP + offs_r[:, None]) * stride_oh + offs_d[None, :] * stride_od
 
-    j = _slot_of_group(UNITS + b * stride_ub, stride_uj, g, num_units, BLOCK_U)
-    if j < 0:
-        tl.store(o_ptrs, tl.zeros([BLOCK_R, BLOCK_D], dtype=OUT.dtype.element_ty), mask=out_ok)
-    else:
-        first = (b * num_units + j) * NUM_SPLITS  # partial rows first .. first + NUM_SPLITS - 1
-        m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-        for s in range(NUM_SPLITS):
-            m = tl.maximum(m, tl.load(M_PART + (first + s) * GROUP + offs_r, mask=row_ok, other=float("-inf")))
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-        for s in range(NUM_SPLITS):
-            row = (first + s) * GROUP + offs_r
-            w = tl.exp2((tl.load(M_PART + row, mask=row_ok, other=float("-inf")) - m_safe) * LOG2E)
-            l_sum += w * tl.load(L_PART + row, mask=row_ok, other=0.0)
-            acc_s = tl.load(ACC_PART + row[:, None] * HEAD_DIM + offs_d[None, :], mask=out_ok, other=0.0)
-            acc += w[:, None] * acc_s
-        out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]  # all keys masked: l = 0, acc = 0, out = 0
-        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=out_ok)
+    # Online merge of the splits' (m, l, acc); every load is independent of the others and of units.
+    first = (b * num_units + j) * NUM_SPLITS
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        row = (first + s) * GROUP + offs_r
+        m_s = tl.load(M_PART + row, mask=row_ok, other=float("-inf"))
+        l_s = tl.load(L_PART + row, mask=row_ok, other=0.0)
+        acc_s = tl.load(ACC_PART + row[:, None] * HEAD_DIM + offs_d[None, :], mask=out_ok, other=0.0)
+        m_new = tl.maximum(m, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2((m - m_safe) * LOG2E)
+        w = tl.exp2((m_s - m_safe) * LOG2E)
+        l_sum = l_sum * alpha + w * l_s
+        acc = acc * alpha[:, None] + w[:, None] * acc_s
+        m = m_new
+    out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]  # all keys masked: l = 0, acc = 0, out = 0
+
+    g = tl.load(UNITS + b * stride_ub + j * stride_uj).to(tl.int64)
+    o_ptrs = OUT + b * stride_ob + (g * GROUP + offs_r[:, None]) * stride_oh + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=out_ok)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,19 +229,22 @@ def select_attention_config(
 ) -> SelectAttentionConfig:
     """The launch configuration for one call, from shapes alone (static, so CUDA-graph safe).
 
-    - BLOCK_N: one K+V stage is ~32 KiB (bf16 D=128: 64 keys; D=256 or fp32: 32; D<=64: 128), 3 stages.
-    - Splits: the (sequence, unit) pairs B*k must give >= ~4 programs per SM; when they don't, each pair's
-      keys are split into a power of two NUM_SPLITS chunks, each at least 4 blocks long.
+    Tuned on one H200 (bf16, D=128, B=1..128, L=1k..8k; benchmarks/NOTES-attention.md):
+    - Splits: B*k (sequence, unit) pairs are split until there are >= 3 programs per SM (396 on an H200), at
+      most 16 splits and at least 256 keys each: 1 split from 396 pairs up (no merge launch), 2 at 256, 8 at 64.
+    - BLOCK_N: one K+V stage is ~32 KiB (bf16 D=128: 64 keys; D=256 or fp32 D=128: 32; D<=64: 128), 3 stages,
+      so 2 programs share an SM; when there are fewer programs than SMs, stages are twice as long.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     stage_bytes = 2 * block_d * torch.finfo(dtype).bits // 8
     block_n = max(16, min(128, 32768 // stage_bytes))
     pairs = batch * num_units
-    want_programs = 4 * _num_sms(device)
-    num_blocks = triton.cdiv(kv_len, block_n)
+    max_splits = max(1, min(16, kv_len // 256))
     num_splits = 1
-    while pairs * num_splits < want_programs and num_blocks // (2 * num_splits) >= 4:
+    while pairs * num_splits < 3 * _num_sms(device) and 2 * num_splits <= max_splits:
         num_splits *= 2
+    if pairs * num_splits <= _num_sms(device):
+        block_n = min(2 * block_n, 128)
     return SelectAttentionConfig(num_splits, block_n, num_warps=4, num_stages=3)
 
 
@@ -262,18 +288,18 @@ def select_attention_triton(
     block_r = max(16, triton.next_power_of_2(group))
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_u = max(2, triton.next_power_of_2(num_units))
+    block_scan = min(2048, max(16, triton.next_power_of_2(kv_len)))
     # fp32 dots in IEEE precision (Triton's default is tf32). Workaround: triton 3.9's CPU interpreter multiplies
     # the uint16 storage of bf16 operands in tl.dot (interpreter.py create_dot), so there bf16 dots run in fp32.
     interpreted = query.device.type == "cpu"
     upcast = query.dtype == torch.float32 or (interpreted and query.dtype == torch.bfloat16)
     dot_dtype = tl.float32 if upcast else _TL_DTYPES[query.dtype]
     dot_precision = "ieee" if upcast else "tf32"
-    # One split: one extra program per sequence writes the unselected groups' zeros (the merge does it otherwise).
-    grid = (num_splits, num_units + (num_splits == 1), batch)
-    split_len = triton.cdiv(triton.cdiv(kv_len, num_splits), block_n) * block_n
+    # One extra program per sequence (j = k) writes the unselected groups' zeros.
+    grid = (num_splits, num_units + 1, batch)
     wrap_triton(_select_attention_split_kernel)[grid](
         query, key, value, units, mask, out, m_part, l_part, acc_part,
-        scale, kv_len, split_len, num_splits, num_units, kv_heads,
+        scale, kv_len, num_splits, num_units, kv_heads,
         query.stride(0), query.stride(1), query.stride(3),
         key.stride(0), key.stride(1), key.stride(2), key.stride(3),
         value.stride(0), value.stride(1), value.stride(2), value.stride(3),
@@ -281,18 +307,18 @@ def select_attention_triton(
         stride_mb, mask.stride(3),
         out.stride(0), out.stride(1), out.stride(3),
         GROUP=group, HEAD_DIM=head_dim,
-        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_U=block_u,
+        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_U=block_u, BLOCK_SCAN=block_scan,
         SPLIT_K=num_splits > 1, MASK_IS_BOOL=mask_is_bool, DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
-        wrap_triton(_select_attention_merge_kernel)[(kv_heads, batch)](
+        wrap_triton(_select_attention_merge_kernel)[(num_units, batch)](
             units, out, m_part, l_part, acc_part,
             num_units,
             units.stride(0), units.stride(1),
             out.stride(0), out.stride(1), out.stride(3),
             GROUP=group, HEAD_DIM=head_dim,
-            BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_U=block_u, NUM_SPLITS=num_splits,
+            BLOCK_R=block_r, BLOCK_D=block_d, NUM_SPLITS=num_splits,
             num_warps=4,
         )
     return out
