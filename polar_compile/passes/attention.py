@@ -87,36 +87,45 @@ class AttentionPass:
         return None
 
     def _rewrite(self, gm: fx.GraphModule, site: AttentionSite, kept: int) -> None:
-        bank = self.config.routers
-        x = site.router_input
-        x_value = fake_value(x)
-        weight_name = _register_constant(gm, f"polar_router_{site.layer}_weight", bank.weights[site.layer], x_value)
-        bias_name = _register_constant(gm, f"polar_router_{site.layer}_bias", bank.biases[site.layer], x_value)
         graph = gm.graph
         old_key, old_value = site.sdpa.args[1], site.sdpa.args[2]
+        device = fake_value(site.query).device
+        existing = set(graph.nodes)
         with graph.inserting_before(site.sdpa):
-            weight, bias = graph.get_attr(weight_name), graph.get_attr(bias_name)
-            scores = graph.call_function(F.linear, (x, weight, bias))
-            scores = graph.call_function(torch.reshape, (scores, (-1, site.num_kv_heads)))  # [B, units]
-            top = graph.call_function(torch.topk, (scores, kept), {"dim": -1})
-            units_kept = graph.call_function(operator.getitem, (top, 1))  # [B, kept]
+            units_kept = self._insert_router(gm, site, kept)  # [B, kept]
             mask = site.attn_mask
             if mask is None:
                 kv_len = static_int(shape_of(site.key_cache)[2])
-                mask = graph.call_function(
-                    torch.ones, ((1, 1, 1, kv_len),), {"dtype": torch.bool, "device": x_value.device}
-                )
+                mask = graph.call_function(torch.ones, ((1, 1, 1, kv_len),), {"dtype": torch.bool, "device": device})
             out = graph.call_function(
                 torch.ops.polar.select_attention.default,
                 (site.query, site.key_cache, site.value_cache, units_kept, mask, site.scale),
             )
-        for node in (weight, bias, scores, top, units_kept, out):
-            node.meta["nn_module_stack"] = site.sdpa.meta.get("nn_module_stack", {})
+        for node in graph.nodes:
+            if node not in existing:
+                node.meta["nn_module_stack"] = site.sdpa.meta.get("nn_module_stack", {})
         out.meta.update({k: v for k, v in site.sdpa.meta.items() if k in ("example_value", "val")})
         site.sdpa.replace_all_uses_with(out)
         graph.erase_node(site.sdpa)
         for node in (old_key, old_value):
             _erase_dead_views(graph, node)
+
+    def _insert_router(self, gm: fx.GraphModule, site: AttentionSite, kept: int) -> fx.Node:
+        """Nodes computing the kept units ``[B, kept]``; when every unit is kept (and B is static) no router runs."""
+        graph, units = gm.graph, site.num_kv_heads
+        batch = static_int(shape_of(site.query)[0])
+        if kept == units and batch is not None:
+            every_unit = graph.call_function(torch.arange, (units,), {"device": fake_value(site.query).device})
+            return graph.call_function(torch.Tensor.expand, (every_unit, batch, units))
+        bank, x = self.config.routers, site.router_input
+        x_value = fake_value(x)
+        weight = graph.get_attr(
+            _register_constant(gm, f"polar_router_{site.layer}_weight", bank.weights[site.layer], x_value))
+        bias = graph.get_attr(_register_constant(gm, f"polar_router_{site.layer}_bias", bank.biases[site.layer], x_value))
+        scores = graph.call_function(F.linear, (x, weight, bias))
+        scores = graph.call_function(torch.reshape, (scores, (-1, units)))  # [B, units]
+        top = graph.call_function(torch.topk, (scores, kept), {"dim": -1})
+        return graph.call_function(operator.getitem, (top, 1))
 
 
 def _register_constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor, like: torch.Tensor) -> str:
