@@ -161,6 +161,28 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Speedup of polar 0.5 over dense Inductor (2) against batch size, one line per context, one panel a model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, name in zip(axes[0], models, strict=True):
+        for context in sorted({r["context"] for r in rows if r["model"] == name}):
+            points = sorted((r["batch"], r["inductor"] / r["polar-0.5"]) for r in rows
+                            if r["model"] == name and r["context"] == context)
+            ax.plot(*zip(*points, strict=True), marker="o", label=f"L={context}")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set(xscale="log", xlabel="batch size", ylabel="speedup over dense Inductor", title=name)
+        ax.legend()
+    fig.suptitle("polar (density 0.5) decode step vs dense Inductor, H200, bf16")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="llama2-7b,llama3-8b,opt-6.7b")
@@ -178,6 +200,7 @@ def main() -> None:
                 rows.append(run_case(name, args.layers, batch, context, args.repeats))
                 (args.out / "decode.json").write_text(json.dumps(rows, indent=1))
                 (args.out / "decode.md").write_text(markdown(rows) + "\n")
+    plot(rows, args.out / "decode.png")
     print(markdown(rows))
 
 
