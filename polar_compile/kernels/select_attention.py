@@ -230,18 +230,20 @@ def select_attention_config(
     """The launch configuration for one call, from shapes alone (static, so CUDA-graph safe).
 
     Tuned on one H200 (bf16, D=128, B=1..128, L=1k..8k; benchmarks/NOTES-attention.md):
-    - Splits: B*k (sequence, unit) pairs are split until there are >= 3 programs per SM (396 on an H200), at
-      most 16 splits and at least 256 keys each: 1 split from 396 pairs up (no merge launch), 2 at 256, 8 at 64.
-    - BLOCK_N: one K+V stage is ~32 KiB (bf16 D=128: 64 keys; D=256 or fp32 D=128: 32; D<=64: 128), 3 stages,
-      so 2 programs share an SM; when there are fewer programs than SMs, stages are twice as long.
+    - BLOCK_N: one K+V stage is 16 KiB (bf16 D=128: 32 keys; D=64: 64; D=256 or fp32 D=128: 16), 3 stages,
+      4 warps: 48 KiB of shared memory, so 4 programs (16 warps) share an SM. Fewer warps per SM (64 keys,
+      2 programs of 4 warps) ran up to 1.3x slower at 512 programs: latency, not bytes in flight, was short.
+    - Splits: B*k (sequence, unit) pairs are split until there are >= 3.5 programs per SM (~one full wave of 4
+      per SM), at most 16 splits of at least 256 keys: 1 split (no merge launch) from 462 pairs up on an H200,
+      2 at 256, 8 at 64, 16 below. Where that still leaves fewer programs than SMs, stages are twice as long.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     stage_bytes = 2 * block_d * torch.finfo(dtype).bits // 8
-    block_n = max(16, min(128, 32768 // stage_bytes))
+    block_n = max(16, min(128, 16384 // stage_bytes))
     pairs = batch * num_units
     max_splits = max(1, min(16, kv_len // 256))
     num_splits = 1
-    while pairs * num_splits < 3 * _num_sms(device) and 2 * num_splits <= max_splits:
+    while 2 * pairs * num_splits < 7 * _num_sms(device) and 2 * num_splits <= max_splits:
         num_splits *= 2
     if pairs * num_splits <= _num_sms(device):
         block_n = min(2 * block_n, 128)
