@@ -1,6 +1,6 @@
 """Decode attention on one GPU: cuDNN / flash / default SDPA (dense, GQA-native) against polar's selective kernel.
 
-    python benchmarks/attention.py --out OUT_DIR [--check] [--sweep] [--table]
+    python benchmarks/attention.py --out OUT_DIR [--check] [--sweep] [--table] [--one KIND,B,L,DENSITY]
 
 --check  the Triton kernel against a float64 reference on the GPU (dtypes incl. fp32, GQA ratios, head dims, masks,
          both launch paths, a poisoned output) and through torch.compile(mode="reduce-overhead").
@@ -286,6 +286,7 @@ def main():
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--table", action="store_true")
+    parser.add_argument("--one", metavar="KIND,B,L,DENSITY", help="run polar on one case a few times (for ncu)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
@@ -298,6 +299,14 @@ def main():
                date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv))
     log(json.dumps(env))
     result = dict(env=env)
+    if args.one:
+        kind, batch, kv_len, density = args.one.split(",")
+        heads, kv_heads = KINDS["MHA 32/32" if kind == "MHA" else "GQA 32/8"]
+        _, calls = polar_calls(make_inputs(int(batch), heads, kv_heads, int(kv_len))[:1], float(density))
+        for _ in range(3):
+            calls[0]()
+        torch.cuda.synchronize()
+        return
     if args.check:
         check(log)
     if args.table:

@@ -31,6 +31,7 @@ shapes and k = units.shape[1]: no host sync, CUDA-graph safe. Kernels launch thr
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -233,18 +234,25 @@ def select_attention_config(
     - BLOCK_N: one K+V stage is 16 KiB (bf16 D=128: 32 keys; D=64: 64; D=256 or fp32 D=128: 16), 3 stages,
       4 warps: 48 KiB of shared memory, so 4 programs (16 warps) share an SM. Fewer warps per SM (64 keys,
       2 programs of 4 warps) ran up to 1.3x slower at 512 programs: latency, not bytes in flight, was short.
-    - Splits: B*k (sequence, unit) pairs are split until there are >= 3.5 programs per SM (~one full wave of 4
-      per SM), at most 16 splits of at least 256 keys: 1 split (no merge launch) from 462 pairs up on an H200,
-      2 at 256, 8 at 64, 16 below. Where that still leaves fewer programs than SMs, stages are twice as long.
+    - Splits: the B*k (sequence, unit) pairs run as waves of 4 programs per SM; a last wave that is only partly
+      full leaves bandwidth unused (384 pairs on 528 slots ran 1.25x slower than 768 -> 1536 programs would).
+      So split into 1..16 chunks of >= 256 keys, choosing the count whose waves are fullest (time ~ ceil(w) / w
+      for w = programs / slots), the fewest within 5% of the best: 1 for 512 or 1024 pairs (no merge launch), 2 for 256,
+      4 for 384, 8 for 64. Where that still leaves fewer programs than SMs, stages are twice as long.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     stage_bytes = 2 * block_d * torch.finfo(dtype).bits // 8
     block_n = max(16, min(128, 16384 // stage_bytes))
     pairs = batch * num_units
+    slots = 4 * _num_sms(device)
+
+    def wave_cost(splits: int) -> float:  # time relative to perfectly full waves
+        waves = pairs * splits / slots
+        return math.ceil(waves) / waves
+
     max_splits = max(1, min(16, kv_len // 256))
-    num_splits = 1
-    while 2 * pairs * num_splits < 7 * _num_sms(device) and 2 * num_splits <= max_splits:
-        num_splits *= 2
+    best = min(wave_cost(splits) for splits in range(1, max_splits + 1))
+    num_splits = next(splits for splits in range(1, max_splits + 1) if wave_cost(splits) <= 1.05 * best)
     if pairs * num_splits <= _num_sms(device):
         block_n = min(2 * block_n, 128)
     return SelectAttentionConfig(num_splits, block_n, num_warps=4, num_stages=3)
