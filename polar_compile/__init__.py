@@ -6,6 +6,7 @@ rewrite; sites come from ``passes/match.py``) -> ``ops.py`` (``polar::select_att
 """
 
 from .backend import attach, backend
+from .calibrate import calibrate
 from .config import PolarConfig
 from .explain import ExplainReport, explain
 from .routers import RouterBank, RouterBankError
@@ -15,6 +16,8 @@ __all__ = [
     "PolarConfig",
     "attach",
     "backend",
+    # calibrate
+    "calibrate",
     # routers
     "RouterBank",
     "RouterBankError",

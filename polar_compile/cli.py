@@ -1,0 +1,120 @@
+"""The ``polar-compile`` command: one subcommand per job (``calibrate``, ``eval``), each a small function.
+
+Add a subcommand by writing ``_add_<name>(subparsers)`` that registers its arguments and sets ``func``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``polar-compile`` console script; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="polar-compile", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_calibrate, _add_eval):
+        add(subparsers)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def _load_model(name: str, dtype: str, device: str) -> tuple[Any, Any]:
+    """``AutoModelForCausalLM`` (SDPA attention, eval mode) and ``AutoTokenizer`` from a folder or hub id."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype), attn_implementation="sdpa")
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(name)
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder or Hugging Face hub id")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+
+
+def _add_calibrate(subparsers: Any) -> None:
+    parser = subparsers.add_parser("calibrate", help="train per-layer head routers and save a router bank")
+    _model_arguments(parser)
+    parser.add_argument("--data", required=True, help="text file, or HF dataset name[:config] (needs `datasets`)")
+    parser.add_argument("--out", required=True, help="directory for routers.safetensors + polar_config.json")
+    parser.add_argument("--density", type=float, default=0.5, help="fraction of units kept (default 0.5)")
+    parser.add_argument("--tokens", type=int, default=400_000, help="max tokens run through the model")
+    parser.add_argument("--samples", type=int, default=400_000, help="max positions stored per layer")
+    parser.add_argument("--heldout", type=float, default=0.1, help="share of windows held out")
+    parser.add_argument("--dense-layers", default="0", help="comma-separated layers kept dense (default 0)")
+    parser.add_argument("--target-loss-increase", type=float, default=None,
+                        help="pick per-layer densities for this mean NLL increase (nats/token) on held-out text")
+    parser.add_argument("--cache-dir", default=None, help="where collected features are memory-mapped")
+    parser.set_defaults(func=_calibrate)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate
+
+    model, tokenizer = _load_model(args.model, args.dtype, args.device)
+    start = time.perf_counter()
+    bank = calibrate(
+        model, args.data, tokenizer=tokenizer, density=args.density, tokens=args.tokens, samples=args.samples,
+        batch_size=args.batch_size, seq_len=args.seq_len, heldout=args.heldout,
+        dense_layers=[int(x) for x in args.dense_layers.split(",") if x.strip()],
+        target_loss_increase=args.target_loss_increase, cache_dir=args.cache_dir,
+    )
+    bank.provenance["model"] = args.model
+    bank.provenance["seconds"] = round(time.perf_counter() - start, 1)
+    bank.save(args.out)
+    print("| layer | density | held-out recall | train loss |\n|---|---|---|---|")
+    for report in bank.provenance["layers"]:
+        layer = report["layer"]
+        print(f"| {layer} | {bank.densities[layer]:g} | {report['recall']:.3f} | {report['loss']:.4f} |")
+    print(f"saved {args.out} ({bank.provenance['seconds']} s)")
+    return 0
+
+
+def _add_eval(subparsers: Any) -> None:
+    parser = subparsers.add_parser("eval", help="perplexity vs density: dense, oracle top-k, learned routers")
+    _model_arguments(parser)
+    parser.add_argument("--routers", default=None, help="router bank directory (omit for dense + oracle only)")
+    parser.add_argument("--data", required=True, help="text file, or HF dataset name[:config]")
+    parser.add_argument("--densities", default="1,0.75,0.5,0.25", help="comma-separated densities")
+    parser.add_argument("--tokens", type=int, default=None, help="max tokens evaluated (default: all)")
+    parser.add_argument("--prompts", type=int, default=8, help="greedy-generation prompts (0: skip)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt")
+    parser.add_argument("--plot", default=None, help="write a PNG of perplexity vs density here")
+    parser.add_argument("--json", default=None, help="write the numbers as JSON here")
+    parser.set_defaults(func=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .data import as_windows
+    from .evaluate import evaluate, format_report, plot_report
+    from .routers import RouterBank
+
+    model, tokenizer = _load_model(args.model, args.dtype, args.device)
+    bank = RouterBank.load(args.routers) if args.routers else None
+    windows = as_windows(args.data, tokenizer, args.seq_len, max_tokens=args.tokens)
+    densities = [float(d) for d in args.densities.split(",")]
+    report = evaluate(model, windows, densities, bank, batch_size=args.batch_size, prompts=args.prompts,
+                      new_tokens=args.new_tokens)
+    print(format_report(report))
+    if args.plot:
+        print(f"plot: {plot_report({args.model: report}, args.plot)}")
+    if args.json:
+        rows = [{"method": m, "density": d, "perplexity": p, "agreement": report.agreement.get((m, d))}
+                for (m, d), p in report.perplexity.items()]
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "tokens": report.tokens, "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
