@@ -6,22 +6,22 @@ For each sequence b and each selected KV group g = units[b, j] (R = H / Hkv quer
 
 and every head of an unselected group is exactly 0. Algorithm (flash-decoding, paper symbols):
 
-1. ``_select_attention_split_kernel``, grid (num_splits, k [+1], B). Program (s, j, b) loads the R query heads of
-   group g = units[b, j] into one [BLOCK_R >= 16, BLOCK_D] tile (rows past R are zero) and streams the keys
-   n in [s * split_len, (s + 1) * split_len) of K[b, g] and V[b, g] once, BLOCK_N keys at a time, for all R heads:
+1. ``_select_attention_split_kernel``, grid (num_splits, k + 1, B). Program (s, j < k, b) loads the R query
+   heads of group g = units[b, j] into one [BLOCK_R >= 16, BLOCK_D] tile (rows past R are zero), finds the
+   attended range [lo, hi) of sequence b from its mask row, and streams the s-th of num_splits equal runs of
+   whole BLOCK_N blocks of that range of K[b, g] and V[b, g] once, for all R heads:
 
        m_new = max(m_i, rowmax(S))      S = scale * Q K^T + mask
        alpha = exp(m_i - m_new)         P = exp(S - m_new)
        l_i   = alpha * l_i + rowsum(P)  acc = alpha * acc + P V      m_i = m_new
 
-   Keys the mask rules out (False, or -inf) are never read: their K/V rows are predicated off in the loads, so
-   the unfilled tail of a static cache and left padding cost no memory traffic.
-   With one split the program writes out = acc / l_i directly and one extra program per sequence (j = k)
-   writes the zeros of the unselected groups. With several splits each program writes its fp32 partials
-   (m_i, l_i, acc) and
-2. ``_select_attention_merge_kernel``, grid (Hkv, B), merges them: program (g, b) finds the slot of group g in
-   units[b] and writes  out = sum_s exp(m_s - m) acc_s / sum_s exp(m_s - m) l_s  (m = max_s m_s), or zeros when
-   g is not selected. Every output element is written by exactly one program: no zero fill, no atomics.
+   Keys the mask rules out (False, or -inf) are never read: outside [lo, hi) (the unfilled tail of a static
+   cache, left padding) no block is visited at all; inside it their K/V rows are predicated off in the loads.
+   With one split the program writes out = acc / l_i directly; with several it writes its fp32 partials
+   (m_i, l_i, acc). Program (0, k, b) writes the zeros of every head of every unselected group of sequence b.
+2. ``_select_attention_merge_kernel`` (several splits only), grid (k, B): program (j, b) merges the splits of
+   pair (b, j) online,  out = sum_s exp(m_s - m) acc_s / sum_s exp(m_s - m) l_s  (m = max_s m_s), into the
+   heads of group units[b, j]. Every output element is written by exactly one program: no zero fill, no atomics.
 
 A query row whose keys are all masked gets l_i = 0 and output 0 (not NaN). The launch grid depends only on
 shapes and k = units.shape[1]: no host sync, CUDA-graph safe. Kernels launch through ``wrap_triton`` so the
