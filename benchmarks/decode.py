@@ -69,7 +69,7 @@ class DecodeStep:
         for layer in self.cache.layers:
             layer.keys.normal_()
             layer.values.normal_()
-            # transformers < 5.2x leaves the write counter unmarked, so every backend's CUDA graphs were skipped
+            # mark it whether or not this transformers version does: an unmarked counter makes Inductor skip CUDA graphs
             torch._dynamo.mark_static_address(layer.cumulative_length)
 
     def reset(self) -> None:
