@@ -118,6 +118,7 @@ class FeatureStore:
     """Per-layer memory maps on disk: router inputs ``[N, hidden]`` fp16 and unit norms ``[N, units]`` fp32."""
 
     def __init__(self, directory: Path, layers: Sequence[int], capacity: int, shape: ModelShape) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
         self.x = {
             layer: np.lib.format.open_memmap(directory / f"x{layer}.npy", "w+", np.float16,
                                              (capacity, shape.hidden_size))
