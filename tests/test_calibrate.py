@@ -10,9 +10,16 @@ from hypothesis import strategies as st
 from transformers import StaticCache
 
 import polar_compile
-from polar_compile.calibrate import FeatureStore, calibrate, collect, router_recall, train_router
+from polar_compile.calibrate import (
+    FeatureStore,
+    calibrate,
+    collect,
+    router_recall,
+    select_densities,
+    train_router,
+)
 from polar_compile.data import DataError
-from polar_compile.evaluate import Evaluator
+from polar_compile.evaluate import Evaluator, Sparsity
 from polar_compile.instrument import InstrumentError
 from polar_compile.routers import ModelShape, RouterBank, RouterBankError
 from polar_compile.testing import random_routers
@@ -159,3 +166,27 @@ def test_trained_model_routers_beat_random_routers_on_held_out_text():
     assert windows == 12
     for report in bank.provenance["layers"]:  # k = 1 of 2 KV groups: a random router's recall is 0.5
         assert report["recall"] > 0.6, report
+
+
+def test_density_selection_with_a_huge_budget_keeps_one_unit_per_layer():
+    model = tiny_model(OPT, seed=8)
+    windows = random_windows(2, 12, seed=9)
+    assert select_densities(model, random_routers(model, seed=1), windows, 100.0, progress=False) == {1: 0.25, 2: 0.25}
+
+
+def test_density_selection_meets_the_target_and_stops_at_it():
+    model = tiny_model(OPT, seed=8)
+    bank, windows = random_routers(model, seed=1), random_windows(2, 12, seed=9)
+    evaluator = Evaluator(model, bank, progress=False)
+    dense = evaluator.token_nll(windows, evaluator.sparsity("dense", 1.0)).mean().item()
+    half = evaluator.token_nll(windows, evaluator.sparsity("routers", 0.5)).mean().item()
+    target = (half - dense) / 2
+    densities = select_densities(model, bank, windows, target, progress=False)
+    kept = tuple((layer, round(d * 4)) for layer, d in sorted(densities.items()))
+    chosen = evaluator.token_nll(windows, Sparsity("routers", kept)).mean().item()
+    assert chosen - dense <= target + 1e-6
+    assert any(k < 4 for _, k in kept)  # the budget allows dropping at least the cheapest unit
+    for layer, k in kept:  # greedy stopped: no single further drop fits the budget
+        if k > 1:
+            smaller = tuple((other, k2 - (other == layer)) for other, k2 in kept)
+            assert evaluator.token_nll(windows, Sparsity("routers", smaller)).mean().item() - dense > target
