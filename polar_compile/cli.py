@@ -1,4 +1,4 @@
-"""The ``polar-compile`` command: one subcommand per job (``calibrate``, ``eval``), each a small function.
+"""The ``polar-compile`` command: one subcommand per job (``calibrate``, ``eval``, ``plot``), each a small function.
 
 Add a subcommand by writing ``_add_<name>(subparsers)`` that registers its arguments and sets ``func``.
 """
@@ -10,6 +10,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
@@ -19,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``polar-compile`` console script; returns the exit status."""
     parser = argparse.ArgumentParser(prog="polar-compile", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_calibrate, _add_eval):
+    for add in (_add_calibrate, _add_eval, _add_plot):
         add(subparsers)
     args = parser.parse_args(argv)
     return args.func(args)
@@ -109,10 +110,25 @@ def _eval(args: argparse.Namespace) -> int:
     if args.plot:
         print(f"plot: {plot_report({args.model: report}, args.plot)}")
     if args.json:
-        rows = [{"method": m, "density": d, "perplexity": p, "agreement": report.agreement.get((m, d))}
-                for (m, d), p in report.perplexity.items()]
-        with open(args.json, "w") as f:
-            json.dump({"model": args.model, "tokens": report.tokens, "rows": rows}, f, indent=2)
+        Path(args.json).write_text(json.dumps({"model": args.model, **report.to_json()}, indent=2) + "\n")
+    return 0
+
+
+def _add_plot(subparsers: Any) -> None:
+    parser = subparsers.add_parser("plot", help="one PNG of perplexity vs density from several `eval --json` files")
+    parser.add_argument("reports", nargs="+", help="JSON files written by `polar-compile eval --json`")
+    parser.add_argument("--out", required=True, help="PNG path")
+    parser.set_defaults(func=_plot)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .evaluate import EvalReport, plot_report
+
+    reports = {}
+    for path in args.reports:
+        data = json.loads(Path(path).read_text())
+        reports[Path(data["model"]).name] = EvalReport.from_json(data)
+    print(f"plot: {plot_report(reports, args.out)}")
     return 0
 
 

@@ -105,7 +105,8 @@ class Evaluator:
         for start in tqdm(batches, desc=desc or sparsity.method, disable=not self.progress, leave=False):
             batch = windows[start : start + self.batch_size].to(self.device)
             logits = self._model(batch[:, :-1])  # [B, T, vocab]
-            losses.append(F.cross_entropy(logits.transpose(1, 2).float(), batch[:, 1:], reduction="none").cpu())
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
+            losses.append(nll.view(len(batch), -1).cpu())
         return torch.cat(losses)
 
     def greedy(self, prompts: Tensor, new_tokens: int, sparsity: Sparsity) -> Tensor:
@@ -125,6 +126,22 @@ class EvalReport:
     tokens: int
     perplexity: dict[tuple[str, float], float] = field(default_factory=dict)
     agreement: dict[tuple[str, float], float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict: ``tokens`` and one row per (method, density)."""
+        rows = [{"method": m, "density": d, "perplexity": p, "agreement": self.agreement.get((m, d))}
+                for (m, d), p in self.perplexity.items()]
+        return {"tokens": self.tokens, "rows": rows}
+
+    @classmethod
+    def from_json(cls, data: dict) -> EvalReport:
+        """The report :meth:`to_json` wrote."""
+        report = cls(tokens=data["tokens"])
+        for row in data["rows"]:
+            report.perplexity[row["method"], row["density"]] = row["perplexity"]
+            if row["agreement"] is not None:
+                report.agreement[row["method"], row["density"]] = row["agreement"]
+        return report
 
 
 def evaluate(

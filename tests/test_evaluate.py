@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from polar_compile.cli import main
 from polar_compile.data import as_windows
-from polar_compile.evaluate import Evaluator, evaluate, format_report, plot_report
+from polar_compile.evaluate import EvalReport, Evaluator, evaluate, format_report, plot_report
 from polar_compile.routers import ModelShape, kept_units
 from polar_compile.testing import random_routers
 from tests.calib_models import (
@@ -87,6 +87,7 @@ def test_report_dedupes_dense_configurations_and_plots(tmp_path):
     assert 0.0 <= report.agreement["routers", 0.5] <= 1.0
     table = format_report(report)
     assert "| routers |" in table and "density 0.5" in table and f"{dense:.2f} (100%)" in table
+    assert EvalReport.from_json(json.loads(json.dumps(report.to_json()))) == report
     png = plot_report({"tiny": report}, tmp_path / "ppl.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -107,6 +108,8 @@ def test_cli_calibrate_then_eval(tmp_path, capsys):
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert {(r["method"], r["density"]) for r in rows} == {(m, d) for m in ("dense", "oracle", "routers")
                                                            for d in (1.0, 0.5)}
+    assert main(["plot", str(tmp_path / "r.json"), str(tmp_path / "r.json"), "--out", str(tmp_path / "two.png")]) == 0
+    assert (tmp_path / "two.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @needs_shared
