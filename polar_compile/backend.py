@@ -6,7 +6,6 @@ after ``pip install`` without importing this package.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
@@ -78,7 +77,9 @@ def compile_graph(
                                          density=config.density if config.density is not None else density)
     if config.routers is None:
         warnings.warn(NO_ROUTERS_WARNING, stacklevel=2)
-    gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # the passes and compile_fx mutate their input
+    # Rewritten in place: a copy would lose what Dynamo attaches to the module and its placeholders
+    # (`_param_name_to_source`, `_dynamo_source`), from which Inductor learns that the KV cache is a static
+    # input; without it every mutated cache tensor makes Inductor skip CUDA graphs.
     graph_records = run_passes(gm, config)
     if records is not None:
         records.append(graph_records)

@@ -39,8 +39,10 @@ def test_compiled_generate_agrees_with_gated_eager():
     with gated_heads(model, bank, 0.5):
         expected = model.generate(**kwargs, disable_compile=True)
     polar_compile.attach(model, bank, density=0.5)
+    torch._dynamo.utils.counters.clear()
     with torch._dynamo.config.patch(error_on_recompile=True):
         actual = model.generate(**kwargs, compile_config=CompileConfig(backend="polar", fullgraph=True))
+    assert not torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
     new_actual = actual.sequences[:, input_ids.shape[1]:]
     new_expected = expected.sequences[:, input_ids.shape[1]:]
     agreement = (new_actual == new_expected).float().mean().item()

@@ -18,6 +18,7 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch._dynamo.source import ConstantSource
 
 from ..config import PolarConfig
 from ..ops import SUPPORTED_DTYPES
@@ -47,6 +48,9 @@ class AttentionPass:
             if reason is None:
                 kept = kept_units(self.config.layer_density(site.layer), site.num_kv_heads)
                 self._rewrite(gm, site, kept)
+            elif site.dense_reason is None and site.key_cache is not site.sdpa.args[1]:
+                _read_unrepeated_cache(gm.graph, site)
+                reason += " (dense, GQA-native SDPA on the un-repeated cache)"
             record.sites.append(
                 SiteRecord(
                     pass_name=self.name,
@@ -119,19 +123,35 @@ class AttentionPass:
             return graph.call_function(torch.Tensor.expand, (every_unit, batch, units))
         bank, x = self.config.routers, site.router_input
         x_value = fake_value(x)
-        weight = graph.get_attr(
-            _register_constant(gm, f"polar_router_{site.layer}_weight", bank.weights[site.layer], x_value))
-        bias = graph.get_attr(_register_constant(gm, f"polar_router_{site.layer}_bias", bank.biases[site.layer], x_value))
+        weight = _constant(gm, f"polar_router_{site.layer}_weight", bank.weights[site.layer], x_value)
+        bias = _constant(gm, f"polar_router_{site.layer}_bias", bank.biases[site.layer], x_value)
         scores = graph.call_function(F.linear, (x, weight, bias))
         scores = graph.call_function(torch.reshape, (scores, (-1, units)))  # [B, units]
         top = graph.call_function(torch.topk, (scores, kept), {"dim": -1})
         return graph.call_function(operator.getitem, (top, 1))
 
 
-def _register_constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor, like: torch.Tensor) -> str:
-    """Store ``tensor`` on ``gm`` as a buffer in ``like``'s dtype and device; returns its attribute name."""
+def _constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor, like: torch.Tensor) -> fx.Node:
+    """A ``get_attr`` node of ``tensor`` (in ``like``'s dtype and device), stored on ``gm`` as a buffer.
+
+    Dynamo's graph modules map every parameter and buffer to a source (``_param_name_to_source``); AOTAutograd
+    asserts on that map and uses it to find the static inputs (the KV cache) that let Inductor keep CUDA graphs,
+    so the new buffer gets an entry too.
+    """
     gm.register_buffer(name, tensor.detach().to(device=like.device, dtype=like.dtype).contiguous())
-    return name
+    sources = getattr(gm, "_param_name_to_source", None)
+    if sources is not None:
+        sources[name] = ConstantSource(name)
+    return gm.graph.get_attr(name)
+
+
+def _read_unrepeated_cache(graph: fx.Graph, site: AttentionSite) -> None:
+    """Point a dense decode site's SDPA at the un-repeated cache with ``enable_gqa=True`` (same numbers)."""
+    old_key, old_value = site.sdpa.args[1], site.sdpa.args[2]
+    site.sdpa.args = (site.sdpa.args[0], site.key_cache, site.value_cache, *site.sdpa.args[3:])
+    site.sdpa.kwargs = {**site.sdpa.kwargs, "enable_gqa": True}
+    for node in (old_key, old_value):
+        _erase_dead_views(graph, node)
 
 
 def _erase_dead_views(graph: fx.Graph, node: object) -> None:

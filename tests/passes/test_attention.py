@@ -47,7 +47,8 @@ def test_decode_rewrite_matches_hook_reference(spec, density, batch, seed, data)
                                    **driver.decode_inputs(driver.prefill()))
     assert len(report.graphs) == 1
     assert sorted(s.layer for s in report.rewritten) == list(range(1, spec.layers))
-    assert [s.reason for s in report.dense] == ["no router for layer 0"]
+    gqa_native = " (dense, GQA-native SDPA on the un-repeated cache)" if spec.kv_heads < spec.heads else ""
+    assert [s.reason for s in report.dense] == ["no router for layer 0" + gqa_native]
 
     torch._dynamo.reset()
     dense = hooked_reference(model, bank, 1.0, driver.decode_inputs(driver.prefill()))
@@ -84,7 +85,9 @@ def test_no_routers_compiles_dense_with_one_warning():
         report = polar_compile.explain(model, **driver.decode_inputs(driver.prefill()))
     messages = [str(w.message) for w in caught if "polar" in str(w.message)]
     assert len(messages) == 1 and "polar_compile.calibrate" in messages[0]
-    assert not report.rewritten and {s.reason for s in report.sites} == {"no router for layer 0", "no router for layer 1"}
+    assert not report.rewritten
+    assert [s.reason for s in report.sites] == [f"no router for layer {i} (dense, GQA-native SDPA on the un-repeated cache)"
+                                                for i in (0, 1)]
 
 
 def test_bank_for_another_model_is_rejected_naming_the_layer():
