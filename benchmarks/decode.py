@@ -62,6 +62,8 @@ class DecodeStep:
             past_key_values=self.cache, use_cache=True,
             cache_position=torch.tensor([context - 1], device="cuda"),
             position_ids=torch.full((batch, 1), context - 1, device="cuda"),
+            # explicit: without it OPT sizes its own mask from the cache length, a data-dependent size
+            attention_mask=torch.ones(batch, context, dtype=torch.long, device="cuda"),
         )
         with torch.no_grad():
             self.reset()
