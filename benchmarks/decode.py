@@ -138,14 +138,14 @@ def run_case(name: str, layers: int, batch: int, context: int, repeats: int) -> 
         print(f"  {name} B={batch} L={context} {variant:>13}: {seconds * 1e3:8.3f} ms/step  first call {first:6.1f} s",
               flush=True)
     torch._dynamo.reset()
+    routed = len(bank.layers) / layers  # layer 0 stays dense by design
+    del model, step, fn
+    torch.cuda.empty_cache()  # the attention timing below needs the memory the model's cache held
     t_attn = layers * attention_seconds(config, batch, context, repeats)
     base = row["inductor-gqa"]
     row["attention-share"] = t_attn / base
     row["ideal-0.5"] = base / (base - 0.5 * min(t_attn, base))
-    routed = len(bank.layers) / layers  # layer 0 stays dense by design
     row["ideal-0.5-layer0-dense"] = base / (base - 0.5 * routed * min(t_attn, base))
-    del model, step
-    torch.cuda.empty_cache()
     return row
 
 
