@@ -223,10 +223,15 @@ def _unsqueezed_source(node: fx.Node, dim: int) -> fx.Node | None:
 
 def _skip_aliases(node: fx.Node) -> fx.Node:
     """Step over ops that return their input unchanged (full slices, aliases, ``contiguous``)."""
-    while isinstance(node, fx.Node):
-        name = op_name(node)
-        if name == "alias" or (name == "slice" and shape_of(node) == shape_of(node.args[0])) or (name == "getitem" and isinstance(node.args[1], tuple) and all(map(is_full_slice, node.args[1]))):
-            node = node.args[0]
-        else:
-            break
+    while isinstance(node, fx.Node) and _is_identity_view(node):
+        node = node.args[0]
     return node
+
+
+def _is_identity_view(node: fx.Node) -> bool:
+    name = op_name(node)
+    if name == "alias":
+        return True
+    if name == "slice":
+        return shape_of(node) == shape_of(node.args[0])
+    return name == "getitem" and isinstance(node.args[1], tuple) and all(map(is_full_slice, node.args[1]))
