@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
+    GPT2Config,
     LlamaConfig,
     MistralConfig,
     OPTConfig,
@@ -19,7 +20,8 @@ from transformers import (
     StaticCache,
 )
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2")
+MHA_FAMILIES = ("opt", "gpt2")
 VOCAB = 97
 
 
@@ -43,6 +45,9 @@ def tiny_config(spec: TinySpec) -> PretrainedConfig:
     """A small random-weight config of ``spec.family``."""
     common = dict(vocab_size=VOCAB, hidden_size=spec.hidden, num_hidden_layers=spec.layers,
                   num_attention_heads=spec.heads, max_position_embeddings=128)
+    if spec.family == "gpt2":
+        return GPT2Config(vocab_size=VOCAB, n_embd=spec.hidden, n_layer=spec.layers, n_head=spec.heads, n_positions=128,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     if spec.family == "opt":
         return OPTConfig(**common, ffn_dim=2 * spec.hidden, word_embed_proj_dim=spec.hidden, enable_bias=spec.bias,
                          do_layer_norm_before=True, dropout=0.0, attention_dropout=0.0)
@@ -74,6 +79,8 @@ def tiny_model(spec: TinySpec, seed: int = 0) -> nn.Module:
 
 def attention_modules(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     """Per layer, the (query projection, output projection) modules: the test's own knowledge of HF layouts."""
+    if hasattr(model, "transformer"):  # GPT-2: fused Conv1D c_attn, then c_proj
+        return [(block.attn.c_attn, block.attn.c_proj) for block in model.transformer.h]
     decoder = model.model.decoder if hasattr(model.model, "decoder") else model.model
     pairs = []
     for layer in decoder.layers:

@@ -22,6 +22,7 @@ aten = torch.ops.aten
 _FUNCTION_TARGETS: dict[str, tuple[Any, ...]] = {
     "sdpa": (F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default),
     "linear": (F.linear, aten.linear.default),
+    "addmm": (torch.addmm, aten.addmm.default),  # HF Conv1D (GPT-2): addmm(bias, x.view(-1, d_in), weight)
     "expand": (torch.Tensor.expand, aten.expand.default),
     "reshape": (
         torch.reshape,
@@ -49,7 +50,9 @@ _TARGET_TO_NAME: dict[Any, str] = {t: name for name, ts in _FUNCTION_TARGETS.ite
 SIGNATURES: dict[str, tuple[str, ...]] = {
     "sdpa": ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
     "linear": ("input", "weight", "bias"),
+    "addmm": ("bias", "input", "weight"),
 }
+PROJECTIONS = ("linear", "addmm")  # ops whose "input" argument a router can read
 SDPA_DEFAULTS: dict[str, Any] = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
 

@@ -2,8 +2,8 @@
 
 A site is a ``scaled_dot_product_attention`` call. From it the matcher recovers, by walking the graph and never
 by module class names:
-- the query projection: the nearest ``linear`` above the SDPA query (through RoPE, q-norms, pre-scaling); its
-  input is the router input (the layer's post-norm hidden state);
+- the query projection: the nearest ``linear`` (or Conv1D's ``addmm``) above the SDPA query (through RoPE,
+  q-norms, pre-scaling, fused QKV splits); its input is the router input (the layer's post-norm hidden state);
 - the KV cache tensors as they sit in memory: the SDPA key/value themselves (MHA, ``enable_gqa=True``) or the
   tensors under HF's ``repeat_kv`` (``x[:, :, None].expand(B, Hkv, R, L, D).reshape(B, H, L, D)``);
 - the mask, the scale and the decoder-layer index (from ``nn_module_stack``).
@@ -21,6 +21,7 @@ import torch
 from torch import fx
 
 from .graph import (
+    PROJECTIONS,
     SDPA_DEFAULTS,
     bound_args,
     fake_value,
@@ -52,7 +53,7 @@ class AttentionSite:
     value_cache: fx.Node | None
     attn_mask: fx.Node | None  # [B|1, 1, 1, L]
     scale: float | None
-    query_projection: fx.Node | None  # the linear whose input is the router input
+    query_projection: fx.Node | None  # the linear (or addmm) whose input is the router input
     num_heads: int | None
     num_kv_heads: int | None
     head_dim: int | None
@@ -65,8 +66,9 @@ class AttentionSite:
         """The activation entering the query projection: ``[B, T, hidden]`` (or ``[B*T, hidden]``)."""
         if self.query_projection is None:
             return None
-        arg = self.query_projection.args[0] if self.query_projection.args else None
-        return arg if isinstance(arg, fx.Node) else self.query_projection.kwargs.get("input")
+        projection = self.query_projection
+        arg = bound_args(projection, op_name(projection)).get("input")
+        return arg if isinstance(arg, fx.Node) else None
 
     @property
     def is_decode(self) -> bool:
@@ -140,7 +142,7 @@ def _why_dense(site: AttentionSite, args: dict, v_shape: tuple) -> str | None:
     if site.scale is None:
         return "scale is not a constant"
     if site.query_projection is None:
-        return "no linear query projection above the SDPA query (router input unknown)"
+        return "no linear/addmm query projection above the SDPA query (router input unknown)"
     if site.hidden_size is None:
         return "router input width is unknown or dynamic"
     if site.key_cache is None or site.value_cache is None:
@@ -165,12 +167,13 @@ def _why_dense(site: AttentionSite, args: dict, v_shape: tuple) -> str | None:
 
 
 def _find_query_projection(query: fx.Node) -> fx.Node | None:
-    """Breadth-first up from the SDPA query to the nearest ``linear``, not searching past any linear."""
+    """Breadth-first up from the SDPA query to the nearest projection (``linear``, or ``addmm`` for HF's Conv1D),
+    not searching past any projection."""
     seen = {query}
     frontier = deque([query])
     while frontier and len(seen) < _QUERY_PROJECTION_SEARCH_LIMIT:
         node = frontier.popleft()
-        if op_name(node) == "linear":
+        if op_name(node) in PROJECTIONS:
             return node
         for parent in node.all_input_nodes:
             if parent not in seen and parent.op in ("call_function", "call_method"):

@@ -10,14 +10,14 @@ from transformers import StaticCache
 
 import polar_compile
 from polar_compile.testing import random_routers
-from tests.models import FAMILIES, DecodeDriver, TinySpec, gated_heads, tiny_model
+from tests.models import FAMILIES, MHA_FAMILIES, DecodeDriver, TinySpec, gated_heads, tiny_model
 
 
 @st.composite
 def specs(draw):
     family = draw(st.sampled_from(FAMILIES))
     heads = draw(st.sampled_from([2, 4, 6, 8]))
-    kv_heads = heads if family == "opt" else draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]))
+    kv_heads = heads if family in MHA_FAMILIES else draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]))
     return TinySpec(family, heads=heads, kv_heads=kv_heads, head_dim=draw(st.sampled_from([4, 8, 16])),
                     layers=draw(st.integers(2, 4)), bias=draw(st.booleans()))
 
@@ -68,7 +68,7 @@ def test_decode_rewrite_matches_hook_reference(spec, density, batch, seed, data)
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prefill_stays_dense(family):
-    model = tiny_model(TinySpec(family, heads=4, kv_heads=4 if family == "opt" else 2, head_dim=8, layers=2))
+    model = tiny_model(TinySpec(family, heads=4, kv_heads=4 if family in MHA_FAMILIES else 2, head_dim=8, layers=2))
     driver = DecodeDriver(model, batch=2, prompt_len=5, max_cache_len=12)
     cache = StaticCache(config=model.config, max_cache_len=12)
     report = polar_compile.explain(model, options={"routers": random_routers(model)},
