@@ -65,7 +65,7 @@ def compile_graph(
     mode: str | None = None,
     records: list[list[PassRecord]] | None = None,
 ) -> Callable[..., Any]:
-    """Rewrite a copy of ``gm`` with polar's passes and compile it (Inductor, or eager if ``config.inductor`` is off).
+    """Rewrite ``gm`` in place with polar's passes and compile it (Inductor, or eager if ``config.inductor`` is off).
 
     Appends this graph's pass records to ``records`` when given.
     """
