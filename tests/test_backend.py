@@ -9,7 +9,7 @@ import torch
 
 import polar_compile
 from polar_compile.testing import random_routers
-from tests.models import DecodeDriver, TinySpec, tiny_model
+from tests.models import DecodeDriver, TinySpec, gated_heads, tiny_model
 
 
 def test_backend_resolves_by_name_without_import():
@@ -64,3 +64,20 @@ def test_attach_checks_density_and_model():
     model = tiny_model(TinySpec("llama", heads=4, kv_heads=2, head_dim=8, layers=2))
     with pytest.raises(ValueError, match=r"density must be a number in \(0, 1\], got 1.5"):
         polar_compile.attach(model, random_routers(model), density=1.5)
+
+
+def test_dynamic_batch_is_rewritten_and_matches_the_hook_reference():
+    """Under dynamic=True Dynamo traces the attention scale as a float in the graph; the rewrite must still apply."""
+    model = tiny_model(TinySpec("llama", heads=4, kv_heads=2, head_dim=8, layers=3), seed=2)
+    bank = random_routers(model, seed=2)
+    step = torch.compile(model.forward, backend=polar_compile.backend(bank, 0.5, inductor=False), dynamic=True,
+                         fullgraph=True)
+    for batch in (2, 3, 5):
+        driver = DecodeDriver(model, batch=batch, prompt_len=4, max_cache_len=10, seed=batch)
+        with gated_heads(model, bank, 0.5), torch.no_grad():
+            expected = model(**driver.decode_inputs(driver.prefill())).logits
+        with torch.no_grad():
+            dense = model(**driver.decode_inputs(driver.prefill())).logits
+            actual = step(**driver.decode_inputs(driver.prefill())).logits
+        torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4)
+        assert (actual - dense).abs().max() > 1e-3

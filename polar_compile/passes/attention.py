@@ -101,9 +101,12 @@ class AttentionPass:
             if mask is None:
                 kv_len = static_int(shape_of(site.key_cache)[2])
                 mask = graph.call_function(torch.ones, ((1, 1, 1, kv_len),), {"dtype": torch.bool, "device": device})
+            query, scale = site.query, site.scale
+            if isinstance(scale, fx.Node):  # a traced float: scale the query in the graph, the op by 1.0
+                query, scale = graph.call_function(operator.mul, (query, scale)), 1.0
             out = graph.call_function(
                 torch.ops.polar.select_attention.default,
-                (site.query, site.key_cache, site.value_cache, units_kept, mask, site.scale),
+                (query, site.key_cache, site.value_cache, units_kept, mask, scale),
             )
         for node in graph.nodes:
             if node not in existing:

@@ -52,7 +52,7 @@ class AttentionSite:
     key_cache: fx.Node | None  # [B, Hkv, L, D], before repeat_kv
     value_cache: fx.Node | None
     attn_mask: fx.Node | None  # [B|1, 1, 1, L]
-    scale: float | None
+    scale: float | fx.Node | None  # a node when Dynamo traces the scale as an unspecialised float (dynamic=True)
     query_projection: fx.Node | None  # the linear (or addmm) whose input is the router input
     num_heads: int | None
     num_kv_heads: int | None
@@ -125,6 +125,9 @@ def _match_site(sdpa: fx.Node) -> AttentionSite:
         site.scale = float(scale)
     elif scale is None:
         site.scale = 1.0 / math.sqrt(site.head_dim)
+    elif isinstance(scale, fx.Node) and isinstance(scale.meta.get("example_value", scale.meta.get("val")),
+                                                   (float, torch.SymFloat)):
+        site.scale = scale
     site.dense_reason = _why_dense(site, args, v_shape)
     return site
 
@@ -140,7 +143,7 @@ def _why_dense(site: AttentionSite, args: dict, v_shape: tuple) -> str | None:
     if args["dropout_p"] != 0.0:
         return f"dropout_p={args['dropout_p']} (attention dropout is not supported)"
     if site.scale is None:
-        return "scale is not a constant"
+        return f"scale is neither a number nor a float in the graph ({args['scale']!r})"
     if site.query_projection is None:
         return "no linear/addmm query projection above the SDPA query (router input unknown)"
     if site.hidden_size is None:
