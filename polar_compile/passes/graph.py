@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
 aten = torch.ops.aten
 
@@ -92,21 +93,11 @@ def shape_of(node: Any) -> tuple[Any, ...] | None:
 
 def static_int(value: Any) -> int | None:
     """``value`` as a Python int when it is statically known, else None (a symbolic size)."""
-    if isinstance(value, int):
-        return value
-    if isinstance(value, torch.SymInt):
-        node = value.node
-        if node.is_constant() or (node.has_hint() and not node.expr.free_symbols):
-            return int(value)
-    return None
+    return int(value) if is_concrete_int(value) else None
 
 
 def same_size(a: Any, b: Any) -> bool:
     """True when two sizes (ints or SymInts) are provably equal."""
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
     return bool(statically_known_true(a == b))
 
 
