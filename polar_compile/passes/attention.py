@@ -7,8 +7,10 @@ For a site of layer ``i`` with a router in the bank, the rewrite inserts before 
     out = polar.select_attention(q, K_cache, V_cache, units_kept, mask, scale)   # [B, H, 1, D]
 
 and replaces the SDPA output with ``out``; the Q/K/V projections and cache writes are untouched, and
-``repeat_kv`` goes dead. Keeps a site dense when the matcher gives a reason, when the layer has no router, or
-when the dtype is unsupported; raises when a router does not fit the graph (a bank for another model).
+``repeat_kv`` goes dead. At density 1.0 (static batch) every unit is kept without running the router.
+Keeps a site dense when the matcher gives a reason, when the layer has no router, or when the dtype is
+unsupported; a dense decode site that reads HF's ``repeat_kv`` still switches to SDPA with ``enable_gqa=True`` on
+the un-repeated cache (same numbers). Raises when a router does not fit the graph (a bank for another model).
 """
 
 from __future__ import annotations
