@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-from decode import SHAPES, DecodeStep
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM, StaticCache
 
 import polar_compile
+from polar_compile.bench import SHAPES, DecodeStep
 from polar_compile.testing import random_routers
 
 

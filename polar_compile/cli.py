@@ -1,4 +1,4 @@
-"""The ``polar-compile`` command: one subcommand per job (``calibrate``, ``eval``, ``plot``), each a small function.
+"""The ``polar-compile`` command: a subcommand per job (``calibrate``, ``eval``, ``plot``, ``bench``), each small.
 
 Add a subcommand by writing ``_add_<name>(subparsers)`` that registers its arguments and sets ``func``.
 """
@@ -20,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``polar-compile`` console script; returns the exit status."""
     parser = argparse.ArgumentParser(prog="polar-compile", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_calibrate, _add_eval, _add_plot):
+    for add in (_add_calibrate, _add_eval, _add_plot, _add_bench):
         add(subparsers)
     args = parser.parse_args(argv)
     return args.func(args)
@@ -129,6 +129,56 @@ def _plot(args: argparse.Namespace) -> int:
         data = json.loads(Path(path).read_text())
         reports[Path(data["model"]).name] = EvalReport.from_json(data)
     print(f"plot: {plot_report(reports, args.out)}")
+    return 0
+
+
+def _bench_option(parse: Any) -> Any:
+    """An argparse ``type`` that runs a ``polar_compile.bench`` parser and reports its ``ValueError`` as is."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return convert
+
+
+def _add_bench(subparsers: Any) -> None:
+    from . import bench
+
+    parser = subparsers.add_parser(
+        "bench", help="decode-throughput benchmark on a CUDA GPU: eager, dense Inductor, polar 1.0 and 0.5",
+        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="llama2-7b,llama3-8b,opt-6.7b", type=_bench_option(bench.parse_models),
+                        help=f"comma-separated model shapes, of: {', '.join(bench.SHAPES)} (default %(default)s)")
+    parser.add_argument("--batch", default="1,16,64,128",
+                        type=_bench_option(lambda text: bench.parse_sizes(text, "batch")),
+                        help="comma-separated batch sizes (default %(default)s)")
+    parser.add_argument("--context", default="1024,4096,8192",
+                        type=_bench_option(lambda text: bench.parse_sizes(text, "context")),
+                        help="comma-separated context (cache) lengths (default %(default)s)")
+    parser.add_argument("--layers", type=_bench_option(lambda text: bench.parse_positive(text, "layers")),
+                        default=8, help="decoder layers of each model (default 8)")
+    parser.add_argument("--repeats", type=_bench_option(lambda text: bench.parse_positive(text, "repeats")),
+                        default=30, help="timed steps per variant, after 3 warm-up steps (default 30)")
+    parser.add_argument("--cases", type=_bench_option(bench.parse_cases),
+                        help="MODEL:BATCH:CONTEXT,... instead of the models x batch x context grid")
+    parser.add_argument("--out", type=Path, default=Path("out"),
+                        help="directory for decode.json, decode.md, decode.png (default out)")
+    parser.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import CudaUnavailableError, grid, require_cuda, run_benchmark
+
+    cases = args.cases or grid(args.models, args.batch, args.context)
+    try:
+        require_cuda()
+    except CudaUnavailableError as error:
+        print(f"polar-compile bench: error: {error}", file=sys.stderr)
+        return 1
+    run_benchmark(cases, layers=args.layers, repeats=args.repeats, out=args.out)
     return 0
 
 

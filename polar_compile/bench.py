@@ -1,0 +1,420 @@
+"""Decode-throughput benchmark (``polar-compile bench``): steady-state batched decode, side by side in one process.
+
+For each case (model shape, batch B, context L) it times one decode step of: eager HF, dense Inductor as
+transformers ships it, dense Inductor with GQA-native SDPA, and polar at densities 1.0 and 0.5 (all compiled with
+``mode="reduce-overhead"``, CUDA graphs). Random bf16 weights and random routers: speed does not depend on which
+heads are chosen. The cache of length L is filled with random K/V and every step attends to all L positions (the
+write counter is reset before each step, outside the timed region). The ideal polar speedup is Amdahl's,
+T / (T - (1 - d) * T_attn), with T the GQA-native dense step and T_attn its attention time (cuDNN SDPA of one
+layer's shape, times the layers).
+
+Needs a CUDA GPU (CUDA events, CUDA graphs). ``transformers`` and ``matplotlib`` are imported inside the functions
+that use them, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backend import attach
+from .routers import RouterBank
+from .testing import random_routers
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+__all__ = [
+    # shapes, cases
+    "SHAPES",
+    "VARIANTS",
+    "Case",
+    "parse_cases",
+    "parse_models",
+    "parse_sizes",
+    "parse_positive",
+    "grid",
+    # GQA-native dense attention
+    "GQA_ATTENTION",
+    "sdpa_gqa_attention",
+    "register_gqa_attention",
+    # measuring
+    "CudaUnavailableError",
+    "require_cuda",
+    "DecodeStep",
+    "compile_variant",
+    "attention_seconds",
+    "ideal_speedup",
+    "add_ideals",
+    "run_case",
+    "run_benchmark",
+    # writing
+    "markdown",
+    "write_results",
+    "plot",
+]
+
+Row = dict[str, Any]
+
+
+def _llama2_7b(layers: int) -> PretrainedConfig:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                       num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=16384)
+
+
+def _llama3_8b(layers: int) -> PretrainedConfig:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                       num_hidden_layers=layers, vocab_size=128256, max_position_embeddings=16384,
+                       rope_theta=500000.0)
+
+
+def _opt_6_7b(layers: int) -> PretrainedConfig:
+    from transformers import OPTConfig
+
+    return OPTConfig(hidden_size=4096, ffn_dim=16384, num_attention_heads=32, num_hidden_layers=layers,
+                     vocab_size=50272, word_embed_proj_dim=4096, max_position_embeddings=16384)
+
+
+SHAPES: dict[str, Callable[[int], PretrainedConfig]] = {
+    "llama2-7b": _llama2_7b,  # MHA
+    "llama3-8b": _llama3_8b,  # GQA 32/8
+    "opt-6.7b": _opt_6_7b,  # MHA
+}
+"""Model shapes by name: each maps a layer count to a ``transformers`` config with the real model's sizes."""
+
+VARIANTS = ("eager", "inductor", "inductor-gqa", "polar-1.0", "polar-0.5")
+"""The timed variants, in the order they run: (1) eager HF, (2) dense Inductor (HF ``repeat_kv`` + SDPA),
+(3) dense Inductor with GQA-native SDPA, (4) polar at density 1.0, (5) polar at density 0.5."""
+
+GQA_ATTENTION = "sdpa_gqa"
+"""Name under which :func:`register_gqa_attention` registers :func:`sdpa_gqa_attention` with transformers."""
+
+
+class Case(NamedTuple):
+    """One benchmark case: a model shape (a key of :data:`SHAPES`), a batch size and a context (cache) length."""
+
+    model: str
+    batch: int
+    context: int
+
+
+def parse_positive(text: str, what: str, where: str | None = None) -> int:
+    """Parse one positive integer; the ``ValueError`` names ``what`` it is (and ``where``, if given)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{where + ': ' if where else ''}{what} {text.strip()!r} is not a positive integer")
+    return value
+
+
+def _model_name(text: str, where: str | None = None) -> str:
+    name = text.strip()
+    if name not in SHAPES:
+        raise ValueError(f"{where + ': ' if where else ''}model {name!r} is not one of {', '.join(SHAPES)}")
+    return name
+
+
+def _items(spec: str, what: str) -> list[str]:
+    items = [item for item in spec.split(",") if item.strip()]
+    if not items:
+        raise ValueError(f"no {what} given in {spec!r}")
+    return items
+
+
+def parse_cases(spec: str) -> list[Case]:
+    """Parse ``MODEL:BATCH:CONTEXT,...`` (the ``--cases`` option) into cases, in order.
+
+    Raises ``ValueError`` naming the bad case and field (model, batch or context) on malformed input.
+    """
+    cases = []
+    for item in _items(spec, "cases"):
+        fields = item.split(":")
+        where = f"case {item.strip()!r}"
+        if len(fields) != 3:
+            raise ValueError(f"{where}: expected MODEL:BATCH:CONTEXT (3 fields), got {len(fields)}")
+        model, batch, context = fields
+        cases.append(Case(_model_name(model, where), parse_positive(batch, "batch", where),
+                          parse_positive(context, "context", where)))
+    return cases
+
+
+def parse_models(spec: str) -> list[str]:
+    """Parse a comma-separated list of model shape names (keys of :data:`SHAPES`); ``ValueError`` names a bad one."""
+    return [_model_name(item) for item in _items(spec, "models")]
+
+
+def parse_sizes(spec: str, what: str = "size") -> list[int]:
+    """Parse a comma-separated list of positive integers; ``ValueError`` names the bad entry as ``what``."""
+    return [parse_positive(item, what) for item in _items(spec, what)]
+
+
+def grid(models: Sequence[str], batches: Sequence[int], contexts: Sequence[int]) -> list[Case]:
+    """The models x contexts x batches grid, batch varying fastest (the order ``--models/--batch/--context`` run)."""
+    return [Case(m, b, c) for m in models for c in contexts for b in batches]
+
+
+def sdpa_gqa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                       dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[Tensor, None]:
+    """HF attention function: SDPA on the un-repeated cache (``enable_gqa=True``) with HF's decode mask.
+
+    Same contract as transformers' ``sdpa_attention_forward`` (inputs ``[B, H, S, D]``, output ``[B, S, H, D]``)
+    but without materialising ``repeat_kv``; dropout is ignored (inference only).
+    """
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
+                                         enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_gqa_attention() -> str:
+    """Register :func:`sdpa_gqa_attention` (with HF's SDPA mask) as attention implementation ``"sdpa_gqa"``.
+
+    Idempotent. Returns the name to pass to ``model.set_attn_implementation``.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(GQA_ATTENTION, sdpa_gqa_attention)
+    AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)
+    return GQA_ATTENTION
+
+
+class CudaUnavailableError(RuntimeError):
+    """Raised by :func:`require_cuda` when no CUDA GPU is usable."""
+
+
+def require_cuda() -> None:
+    """Raise :class:`CudaUnavailableError` with a readable reason unless ``torch.cuda.is_available()``."""
+    if not torch.cuda.is_available():
+        build = f"torch {torch.__version__}, " + (f"CUDA {torch.version.cuda}" if torch.version.cuda
+                                                  else "built without CUDA")
+        raise CudaUnavailableError(
+            "the decode benchmark needs a CUDA GPU (it times with CUDA events and runs CUDA graphs), but "
+            f"torch.cuda.is_available() is False ({build})")
+
+
+class DecodeStep:
+    """A model, a StaticCache of length L filled with random K/V, and the inputs of the step at position L-1.
+
+    ``reset()`` rewinds the cache write counter so every step attends to all L positions; ``time(step, repeats)``
+    times ``step(**inputs)`` with CUDA events. ``device`` is for tests; the benchmark uses CUDA.
+    """
+
+    def __init__(self, model: nn.Module, batch: int, context: int, device: str | torch.device = "cuda") -> None:
+        from transformers import StaticCache
+
+        self.model, self.batch, self.context = model, batch, context
+        self.cache = StaticCache(config=model.config, max_cache_len=context)
+        self.inputs = dict(
+            input_ids=torch.randint(0, model.config.vocab_size, (batch, 1), device=device),
+            past_key_values=self.cache, use_cache=True,
+            cache_position=torch.tensor([context - 1], device=device),
+            position_ids=torch.full((batch, 1), context - 1, device=device),
+            # explicit: without it OPT sizes its own mask from the cache length, a data-dependent size
+            attention_mask=torch.ones(batch, context, dtype=torch.long, device=device),
+        )
+        with torch.no_grad():
+            self.reset()
+            model(**self.inputs)  # allocates the cache tensors
+        for layer in self.cache.layers:
+            layer.keys.normal_()
+            layer.values.normal_()
+            # mark it whether or not this transformers version does: an unmarked counter makes Inductor skip CUDA graphs
+            torch._dynamo.mark_static_address(layer.cumulative_length)
+
+    def reset(self) -> None:
+        """Set every initialised cache layer's write counter back to L-1 (the step writes position L-1 again)."""
+        for layer in self.cache.layers:
+            if getattr(layer, "is_initialized", False):
+                layer.cumulative_length.fill_(self.context - 1)
+
+    def time(self, step: Callable[..., Any], repeats: int) -> tuple[float, float]:
+        """(median seconds per step, seconds of the first call: compile + capture for compiled steps).
+
+        Runs ``repeats + 3`` steps; the first 3 are warm-up, each of the rest is timed with CUDA events.
+        """
+        times = []
+        start = time.perf_counter()
+        with torch.no_grad():
+            for i in range(repeats + 3):
+                self.reset()
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                step(**self.inputs)
+                end.record()
+                torch.cuda.synchronize()
+                if i == 0:
+                    first = time.perf_counter() - start
+                if i >= 3:
+                    times.append(begin.elapsed_time(end) / 1e3)
+        return statistics.median(times), first
+
+
+def compile_variant(model: nn.Module, variant: str, bank: RouterBank) -> Callable[..., Any]:
+    """Set ``model``'s attention implementation for ``variant`` (one of :data:`VARIANTS`) and return its step.
+
+    ``eager``: ``model.forward``; ``inductor``/``inductor-gqa``: ``torch.compile(backend="inductor")`` with SDPA or
+    GQA-native SDPA; ``polar-D``: attaches ``bank`` at density D and compiles with ``backend="polar"``. Compiled
+    steps use ``mode="reduce-overhead", fullgraph=True``; compiling happens on the first call.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r} is not one of {', '.join(VARIANTS)}")
+    model.set_attn_implementation(register_gqa_attention() if variant == "inductor-gqa" else "sdpa")
+    if variant == "eager":
+        return model.forward
+    if variant.startswith("polar"):
+        attach(model, bank, density=float(variant.split("-")[1]))
+        return torch.compile(model.forward, backend="polar", mode="reduce-overhead", fullgraph=True)
+    return torch.compile(model.forward, backend="inductor", mode="reduce-overhead", fullgraph=True)
+
+
+def attention_seconds(config: PretrainedConfig, batch: int, context: int, repeats: int) -> float:
+    """cuDNN SDPA (GQA-native, HF decode mask) for one layer's decode shape, median seconds (CUDA, bf16)."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", heads)
+    dim = config.hidden_size // heads
+    q = torch.randn(batch, heads, 1, dim, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(batch, kv_heads, context, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.ones(batch, 1, 1, context, device="cuda", dtype=torch.bool)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from triton.testing import do_bench
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        ms = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv_heads != heads),
+                      return_mode="median")
+    return ms / 1e3
+
+
+def ideal_speedup(step_seconds: float, attn_seconds: float, density: float, routed_share: float = 1.0) -> float:
+    """Amdahl's bound on the sparse step's speedup: T / (T - (1 - d) * r * min(T_attn, T)).
+
+    ``step_seconds`` is the dense step T, ``attn_seconds`` its attention time T_attn (capped at T),
+    ``density`` the kept fraction d and ``routed_share`` r the share of the attention that is routed (layers with
+    a router over all layers; layer 0 stays dense).
+    """
+    return step_seconds / (step_seconds - (1 - density) * routed_share * min(attn_seconds, step_seconds))
+
+
+def add_ideals(row: Row, attn_seconds: float, routed_share: float) -> Row:
+    """Add ``attention-share``, ``ideal-0.5`` and ``ideal-0.5-layer0-dense`` to ``row`` (in place; returned).
+
+    The baseline T is ``row["inductor-gqa"]`` (dense Inductor, GQA-native SDPA); ``attn_seconds`` is T_attn
+    for all layers; ``routed_share`` is the fraction of layers with a router.
+    """
+    base = row["inductor-gqa"]
+    row["attention-share"] = attn_seconds / base
+    row["ideal-0.5"] = ideal_speedup(base, attn_seconds, 0.5)
+    row["ideal-0.5-layer0-dense"] = ideal_speedup(base, attn_seconds, 0.5, routed_share)
+    return row
+
+
+def run_case(name: str, layers: int, batch: int, context: int, repeats: int) -> Row:
+    """Time every variant of :data:`VARIANTS` for one case on CUDA and return its row (seconds, ratios).
+
+    The row holds ``model, layers, batch, context``, per variant its median step seconds and ``<variant>-first-call``
+    seconds, and the :func:`add_ideals` fields. Prints one line per variant as it goes.
+    """
+    config = SHAPES[name](layers)
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    step = DecodeStep(model, batch, context)
+    bank = random_routers(model, seed=0)
+    row: Row = {"model": name, "layers": layers, "batch": batch, "context": context}
+    for variant in VARIANTS:
+        torch._dynamo.reset()
+        fn = compile_variant(model, variant, bank)
+        seconds, first = step.time(fn, repeats)
+        row[variant] = seconds
+        row[f"{variant}-first-call"] = first
+        print(f"  {name} B={batch} L={context} {variant:>13}: {seconds * 1e3:8.3f} ms/step  first call {first:6.1f} s",
+              flush=True)
+    torch._dynamo.reset()
+    routed = len(bank.layers) / layers  # layer 0 stays dense by design
+    del model, step, fn
+    torch.cuda.empty_cache()  # the attention timing below needs the memory the model's cache held
+    t_attn = layers * attention_seconds(config, batch, context, repeats)
+    return add_ideals(row, t_attn, routed)
+
+
+def markdown(rows: Iterable[Row]) -> str:
+    """The results table (ms per step per variant, then ratios) as Markdown, one line per row."""
+    head = ("| model | B | L | eager | inductor (2) | inductor GQA-native (3) | polar 1.0 | polar 0.5 | "
+            "0.5 vs (3) | ideal | % of ideal | ideal, layer 0 dense | % of it | 0.5 vs (2) | 1.0 vs (3) | "
+            "attn share of (3) | compile polar/dense |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        ms = {v: r[v] * 1e3 for v in VARIANTS}
+        speed3 = r["inductor-gqa"] / r["polar-0.5"]
+        lines.append(
+            f"| {r['model']} ({r['layers']} layers) | {r['batch']} | {r['context']} | {ms['eager']:.3f} | "
+            f"{ms['inductor']:.3f} | {ms['inductor-gqa']:.3f} | {ms['polar-1.0']:.3f} | {ms['polar-0.5']:.3f} | "
+            f"{speed3:.2f}x | {r['ideal-0.5']:.2f}x | {100 * speed3 / r['ideal-0.5']:.0f}% | "
+            f"{r['ideal-0.5-layer0-dense']:.2f}x | {100 * speed3 / r['ideal-0.5-layer0-dense']:.0f}% | "
+            f"{r['inductor'] / r['polar-0.5']:.2f}x | {r['polar-1.0'] / r['inductor-gqa']:.3f} | "
+            f"{r['attention-share']:.0%} | {r['polar-0.5-first-call'] / r['inductor-first-call']:.2f} |")
+    return "\n".join(lines)
+
+
+def write_results(rows: Sequence[Row], out: str | Path) -> tuple[Path, Path]:
+    """Write ``out/decode.json`` (the raw rows) and ``out/decode.md`` (:func:`markdown`); returns both paths."""
+    out = Path(out)
+    json_path, md_path = out / "decode.json", out / "decode.md"
+    json_path.write_text(json.dumps(list(rows), indent=1))
+    md_path.write_text(markdown(rows) + "\n")
+    return json_path, md_path
+
+
+def plot(rows: Sequence[Row], path: str | Path) -> None:
+    """Speedup of polar 0.5 over dense Inductor (2) against batch size, one line per context, one panel a model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, name in zip(axes[0], models, strict=True):
+        for context in sorted({r["context"] for r in rows if r["model"] == name}):
+            points = sorted((r["batch"], r["inductor"] / r["polar-0.5"]) for r in rows
+                            if r["model"] == name and r["context"] == context)
+            ax.plot(*zip(*points, strict=True), marker="o", label=f"L={context}")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set(xscale="log", xlabel="batch size", ylabel="speedup over dense Inductor", title=name)
+        ax.legend()
+    fig.suptitle("polar (density 0.5) decode step vs dense Inductor, H200, bf16")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_benchmark(cases: Iterable[Case | tuple[str, int, int]], layers: int, repeats: int,
+                  out: str | Path) -> list[Row]:
+    """Run :func:`run_case` for each case on CUDA, rewriting ``out/decode.json`` and ``decode.md`` after each.
+
+    Then writes ``out/decode.png`` (:func:`plot`) and prints the Markdown table. Call :func:`require_cuda` first
+    for a readable error on machines without a GPU. Returns the rows.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, batch, context in cases:
+        rows.append(run_case(name, layers, batch, context, repeats))
+        write_results(rows, out)
+    plot(rows, out / "decode.png")
+    print(markdown(rows))
+    return rows
