@@ -1,8 +1,8 @@
 """Perplexity and greedy-generation agreement of a model under head sparsity: dense, oracle top-k, or routers.
 
 The sparse path uses the same matcher as the backend (through :mod:`.instrument`): at every routed site, per
-token, ``keep[b, t]`` marks the top-k units by router score ``linear(router_input, W, b)`` (what
-``passes/attention.py`` computes for a decode token) or by the true per-unit output norms (oracle); the SDPA output
+token, ``keep[b, t]`` marks the top-k units by router score ``linear(router_input, W, b)`` (``polar::route``, the
+op ``passes/attention.py`` inserts for a decode token) or by the true per-unit output norms (oracle); the SDPA output
 becomes ``out * keep`` expanded to the unit's heads, so a dropped unit's heads give exactly zero. Layers without a
 router (layer 0 by default) stay dense.
 """
@@ -62,12 +62,12 @@ class _Gate:
         if k is None or k >= site.units:
             return out
         if self.sparsity.method == "oracle":
-            scores = unit_norms(out, site.units)  # [B, T, units]
+            top = torch.topk(unit_norms(out, site.units), k, dim=-1).indices  # [B, T, k]
         else:
             weight, bias = self.bank.weights[site.layer], self.bank.biases[site.layer]
-            scores = F.linear(x, weight.to(x), bias.to(x))  # [B, T, units]
-        top = torch.topk(scores, k, dim=-1).indices  # [B, T, k]
-        keep = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top, True)  # [B, T, units]
+            top = torch.ops.polar.route(x, weight.to(x), bias.to(x), k)  # [B, T, k]: the backend's router
+        keep = torch.zeros(*top.shape[:-1], site.units, dtype=torch.bool, device=top.device)
+        keep = keep.scatter(-1, top, True)  # [B, T, units]
         keep = keep.transpose(1, 2).repeat_interleave(site.group, dim=1)  # [B, H, T]
         return out * keep[..., None].to(out.dtype)
 

@@ -1,12 +1,15 @@
 """``torch.library`` ops of polar-compile: schemas, fake impls, reference impls, CUDA kernels.
 
+``polar::route`` is the head router: the ``k`` units of largest score ``x @ W^T + b`` (fp32) per row of ``x``,
+in descending score, ties to the lower index.
+
 ``polar::select_attention`` is decode attention over the selected KV groups of each sequence only:
 
     out[b, h] = softmax(scale * q[b, h] . K[b, g]^T + mask[b]) @ V[b, g]   if g = h // (H / Hkv) is in units[b]
     out[b, h] = 0                                                          otherwise
 
-On CUDA it runs the Triton split-K kernel of ``kernels/select_attention.py`` (through ``wrap_triton``, so
-Inductor sees into it); elsewhere it runs :func:`select_attention_reference`, plain PyTorch math.
+On CUDA both run Triton kernels (``kernels/``, launched through ``wrap_triton`` so Inductor sees into them);
+elsewhere they run their ``*_reference`` functions, plain PyTorch math.
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["SUPPORTED_DTYPES", "check_select_attention_args", "select_attention", "select_attention_reference"]
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "check_route_args",
+    "check_select_attention_args",
+    "route",
+    "route_reference",
+    "select_attention",
+    "select_attention_reference",
+]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -101,3 +112,45 @@ def select_attention(
 def _(query: Tensor, key: Tensor, value: Tensor, units: Tensor, attn_mask: Tensor, scale: float) -> Tensor:
     check_select_attention_args(query, key, value, units, attn_mask)
     return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+def check_route_args(x: Tensor, weight: Tensor, bias: Tensor, k: int) -> None:
+    """Raise ``ValueError`` naming the argument, the expected and the actual when the router's inputs are malformed."""
+    if x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"route: expected x [..., hidden] and weight [units, hidden], got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
+    units = weight.shape[0]
+    if bias.shape != (units,):
+        raise ValueError(f"route: expected bias [units={units}], got {tuple(bias.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES or {weight.dtype, bias.dtype} != {x.dtype}:
+        raise ValueError(
+            f"route: expected x, weight and bias of one dtype in {SUPPORTED_DTYPES}, got "
+            f"{x.dtype}, {weight.dtype}, {bias.dtype}"
+        )
+    if not 1 <= k <= units:
+        raise ValueError(f"route: k must be in [1, {units}] (the number of units), got {k}")
+
+
+def route_reference(x: Tensor, weight: Tensor, bias: Tensor, k: int) -> Tensor:
+    """The router in plain PyTorch: int64 ``[..., k]``, fp32 scores, NaN ranked as -inf, ties to the lower index."""
+    scores = torch.nn.functional.linear(x.float(), weight.float(), bias.float())  # [..., units]
+    scores = scores.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k].contiguous()
+
+
+@torch.library.triton_op("polar::route", mutates_args=())
+def route(x: Tensor, weight: Tensor, bias: Tensor, k: int) -> Tensor:
+    """The ``k`` units with the largest router scores ``x @ weight.T + bias``, per row of ``x`` (int64 ``[..., k]``)."""
+    check_route_args(x, weight, bias, k)
+    if x.device.type == "cuda":
+        from .kernels.route import route_triton
+
+        return route_triton(x, weight, bias, k)
+    return route_reference(x, weight, bias, k)
+
+
+@route.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor, k: int) -> Tensor:
+    check_route_args(x, weight, bias, k)
+    return x.new_empty((*x.shape[:-1], k), dtype=torch.int64)

@@ -2,8 +2,8 @@
 
 For a site of layer ``i`` with a router in the bank, the rewrite inserts before the SDPA call
 
-    scores = linear(router_input, W_i, b_i).reshape(-1, units)      # [B, units]
-    units_kept = topk(scores, k_i).indices                          # [B, k_i], k_i = max(1, round(d_i * units))
+    units_kept = polar.route(router_input, W_i, b_i, k_i)           # [B, k_i]: top-k_i of the router's scores,
+                                                                    # k_i = max(1, round(d_i * units))
     out = polar.select_attention(q, K_cache, V_cache, units_kept, mask, scale)   # [B, H, 1, D]
 
 and replaces the SDPA output with ``out``; the Q/K/V projections and cache writes are untouched, and
@@ -18,7 +18,6 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 from torch._dynamo.source import ConstantSource
 
@@ -90,7 +89,21 @@ class AttentionPass:
             return f"dtype {dtype} is not supported (supported: {[str(d) for d in SUPPORTED_DTYPES]})"
         if site.attn_mask is None and static_int(shape_of(site.key_cache)[2]) is None:
             return "no attention mask and a dynamic cache length"
-        return None
+        return self._why_not_worth_it(site)
+
+    def _why_not_worth_it(self, site: AttentionSite) -> str | None:
+        """Why routing would cost more than it saves (see ``PolarConfig.min_saved_mib``), for static shapes."""
+        key = fake_value(site.key_cache)
+        threshold = self.config.saved_bytes_threshold(key.device.type)
+        batch, kv_len = static_int(shape_of(site.key_cache)[0]), static_int(shape_of(site.key_cache)[2])
+        if threshold == 0 or batch is None or kv_len is None:
+            return None
+        skipped = site.num_kv_heads - kept_units(self.config.layer_density(site.layer), site.num_kv_heads)
+        saved = skipped * batch * kv_len * site.head_dim * 2 * key.element_size()  # K and V rows not read
+        if saved > threshold:
+            return None
+        return (f"routing would skip only {saved / 2**20:.1f} MiB of K/V reads per step (B={batch}, L={kv_len}), "
+                f"not more than min_saved_mib={threshold / 2**20:g}")
 
     def _rewrite(self, gm: fx.GraphModule, site: AttentionSite, kept: int) -> None:
         graph = gm.graph
@@ -130,10 +143,8 @@ class AttentionPass:
         x_value = fake_value(x)
         weight = _constant(gm, f"polar_router_{site.layer}_weight", bank.weights[site.layer], x_value)
         bias = _constant(gm, f"polar_router_{site.layer}_bias", bank.biases[site.layer], x_value)
-        scores = graph.call_function(F.linear, (x, weight, bias))
-        scores = graph.call_function(torch.reshape, (scores, (-1, units)))  # [B, units]
-        top = graph.call_function(torch.topk, (scores, kept), {"dim": -1})
-        return graph.call_function(operator.getitem, (top, 1))
+        top = graph.call_function(torch.ops.polar.route.default, (x, weight, bias, kept))  # [B, 1, kept]
+        return graph.call_function(torch.reshape, (top, (-1, kept)))
 
 
 def _constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor, like: torch.Tensor) -> fx.Node:
