@@ -30,26 +30,27 @@ NO_ROUTERS_WARNING = (
     "options={'routers': bank_or_dir} or call `polar_compile.attach(model, bank)`."
 )
 
-# parameter tensor -> (bank, density) for models given to attach(); weak, so models can be freed.
+# parameter tensor -> (bank, density, min_saved_mib) for models given to attach(); weak, so models can be freed.
 _ATTACHED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def attach(model: nn.Module, routers: RouterBank | str | Path, *, density: float | Sequence[float] | None = None
-           ) -> nn.Module:
-    """Tie ``routers`` (and optionally ``density``) to ``model`` so ``backend="polar"`` finds them without options.
+def attach(model: nn.Module, routers: RouterBank | str | Path, *, density: float | Sequence[float] | None = None,
+           min_saved_mib: float | None = None) -> nn.Module:
+    """Tie ``routers`` (and optionally ``density``, ``min_saved_mib``: see :class:`PolarConfig`) to ``model`` so
+    ``backend="polar"`` finds them without options.
 
     For callers that cannot pass ``options`` (HF ``CompileConfig`` with a ``mode``). Checks the bank against the
     model's config and raises naming the first mismatch. Returns ``model``.
     """
     bank = routers if isinstance(routers, RouterBank) else RouterBank.load(routers)
     bank.check_model(model)
-    PolarConfig(routers=bank, density=density)  # validates density now rather than at compile time
+    PolarConfig(routers=bank, density=density, min_saved_mib=min_saved_mib)  # validates now, not at compile time
     for parameter in model.parameters():
-        _ATTACHED[parameter] = (bank, density)
+        _ATTACHED[parameter] = (bank, density, min_saved_mib)
     return model
 
 
-def _find_attached(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[RouterBank, Any] | None:
+def _find_attached(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[RouterBank, Any, Any] | None:
     """The bank attached to the model whose parameters this graph takes (as inputs or as attributes)."""
     candidates = [*example_inputs, *gm.parameters()]
     for tensor in candidates:
@@ -72,9 +73,11 @@ def compile_graph(
     if config.routers is None:
         attached = _find_attached(gm, example_inputs)
         if attached is not None:
-            bank, density = attached
-            config = dataclasses.replace(config, routers=bank,
-                                         density=config.density if config.density is not None else density)
+            bank, density, min_saved_mib = attached
+            config = dataclasses.replace(
+                config, routers=bank, density=config.density if config.density is not None else density,
+                min_saved_mib=config.min_saved_mib if config.min_saved_mib is not None else min_saved_mib,
+            )
     if config.routers is None:
         warnings.warn(NO_ROUTERS_WARNING, stacklevel=2)
     # Rewritten in place: a copy would lose what Dynamo attaches to the module and its placeholders
@@ -108,9 +111,11 @@ def backend(
     passes: Sequence[str] | None = None,
     mode: str | None = None,
     inductor: bool = True,
+    min_saved_mib: float | None = None,
 ) -> Callable[[fx.GraphModule, Sequence[Any]], Callable[..., Any]]:
     """A backend callable for ``torch.compile(backend=polar_compile.backend(routers=..., density=...))``."""
-    options: dict[str, Any] = {"routers": routers, "density": density, "inductor": inductor}
+    options: dict[str, Any] = {"routers": routers, "density": density, "inductor": inductor,
+                               "min_saved_mib": min_saved_mib}
     if passes is not None:
         options["passes"] = tuple(passes)
     config = PolarConfig.from_options(options)

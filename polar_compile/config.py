@@ -23,15 +23,20 @@ class PolarConfig:
       takes each layer's density from the bank (0.5 where the bank has none).
     - ``passes``: which rewrites run, in the order of :data:`AVAILABLE_PASSES`.
     - ``inductor``: hand the rewritten graph to Inductor (``False`` runs it eagerly, for debugging and tests).
+    - ``min_saved_mib``: a decode site whose sparse attention would skip at most this many MiB of K/V reads per
+      step stays dense (e.g. batch 1): there the router and kernel launches cost more than the reads saved.
+      ``None``: :attr:`CUDA_MIN_SAVED_MIB` on CUDA (measured on an H200), 0 elsewhere; 0 always routes.
     """
 
     VERSION: ClassVar[int] = 1
     DEFAULT_DENSITY: ClassVar[float] = 0.5
+    CUDA_MIN_SAVED_MIB: ClassVar[float] = 32.0
 
     routers: RouterBank | None = None
     density: float | tuple[float, ...] | None = None
     passes: tuple[str, ...] = AVAILABLE_PASSES
     inductor: bool = True
+    min_saved_mib: float | None = None
 
     def __post_init__(self) -> None:
         if self.routers is not None and not isinstance(self.routers, RouterBank):
@@ -46,6 +51,11 @@ class PolarConfig:
                 )
         elif self.density is not None:
             object.__setattr__(self, "density", check_density(self.density))
+        if self.min_saved_mib is not None and (
+            isinstance(self.min_saved_mib, bool) or not isinstance(self.min_saved_mib, (int, float))
+            or not self.min_saved_mib >= 0
+        ):
+            raise ValueError(f"min_saved_mib must be a number >= 0 (MiB), got {self.min_saved_mib!r}")
         unknown = [p for p in self.passes if p not in AVAILABLE_PASSES]
         if unknown:
             raise ValueError(f"unknown pass(es) {unknown}; available: {list(AVAILABLE_PASSES)}")
@@ -55,7 +65,7 @@ class PolarConfig:
     def from_options(cls, options: Mapping[str, Any] | None) -> PolarConfig:
         """Build from ``torch.compile``'s ``options``; unknown keys are rejected with the list of valid ones."""
         options = dict(options or {})
-        valid = ("routers", "density", "passes", "inductor")
+        valid = ("routers", "density", "passes", "inductor", "min_saved_mib")
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ValueError(f"unknown polar option(s) {unknown}; valid options: {list(valid)}")
@@ -66,7 +76,14 @@ class PolarConfig:
         if isinstance(passes, str):
             passes = (passes,)
         return cls(routers=routers, density=options.get("density"), passes=tuple(passes),
-                   inductor=bool(options.get("inductor", True)))
+                   inductor=bool(options.get("inductor", True)), min_saved_mib=options.get("min_saved_mib"))
+
+    def saved_bytes_threshold(self, device_type: str) -> float:
+        """Bytes of K/V reads per step a sparse site must skip to be worth routing on ``device_type``."""
+        mib = self.min_saved_mib
+        if mib is None:
+            mib = self.CUDA_MIN_SAVED_MIB if device_type == "cuda" else 0.0
+        return mib * 2**20
 
     def layer_density(self, layer: int) -> float:
         """The density that layer ``layer`` runs at."""

@@ -34,3 +34,16 @@ def test_unknown_option_and_pass():
 def test_routers_from_a_directory_that_is_not_a_bank(tmp_path):
     with pytest.raises(ValueError, match=r"missing polar_config\.json"):
         PolarConfig.from_options({"routers": str(tmp_path)})
+
+
+@pytest.mark.parametrize("value", [-1, "32", True, float("nan")])
+def test_min_saved_mib_must_be_a_non_negative_number(value):
+    with pytest.raises(ValueError, match=r"min_saved_mib must be a number >= 0 \(MiB\), got"):
+        PolarConfig.from_options({"min_saved_mib": value})
+
+
+def test_min_saved_mib_defaults_to_the_cuda_cost_model_only_on_cuda():
+    assert PolarConfig().saved_bytes_threshold("cuda") == PolarConfig.CUDA_MIN_SAVED_MIB * 2**20
+    assert PolarConfig().saved_bytes_threshold("cpu") == 0
+    assert PolarConfig(min_saved_mib=0).saved_bytes_threshold("cuda") == 0
+    assert PolarConfig(min_saved_mib=1.5).saved_bytes_threshold("cpu") == 1.5 * 2**20

@@ -98,3 +98,28 @@ def test_bank_for_another_model_is_rejected_naming_the_layer():
         polar_compile.attach(model, random_routers(other))
     with pytest.raises(Exception, match=r"layer 1 .*router weight is \[4, 32\], the graph needs \[2, 32\]"):
         compiled_logits(model, random_routers(other), 0.5, driver.decode_inputs(driver.prefill()))
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_sites_that_would_save_too_little_stay_dense(family):
+    """``min_saved_mib``: a site whose skipped K/V bytes per step are at most the threshold keeps dense numbers."""
+    heads, kv_heads, head_dim, batch, cache_len = 4, 2 if family == "llama" else 4, 8, 2, 12
+    model = tiny_model(TinySpec(family, heads=heads, kv_heads=kv_heads, head_dim=head_dim, layers=2))
+    bank = random_routers(model)
+    driver = DecodeDriver(model, batch=batch, prompt_len=3, max_cache_len=cache_len)
+    skipped_bytes = (kv_heads - kv_heads // 2) * batch * cache_len * head_dim * 2 * 4  # K and V, fp32, density 0.5
+    with torch.no_grad():
+        uncompiled = model(**driver.decode_inputs(driver.prefill())).logits
+    for threshold_bytes, routed in ((skipped_bytes - 1, True), (skipped_bytes, False)):
+        torch._dynamo.reset()
+        options = {"routers": bank, "density": 0.5, "min_saved_mib": threshold_bytes / 2**20}
+        report = polar_compile.explain(model, options=options, **driver.decode_inputs(driver.prefill()))
+        assert [s.layer for s in report.rewritten] == ([1] if routed else [])
+        if not routed:
+            reason = next(s.reason for s in report.dense if s.layer == 1)
+            assert reason.startswith(f"routing would skip only {skipped_bytes / 2**20:.1f} MiB of K/V reads per step "
+                                     f"(B={batch}, L={cache_len}), not more than min_saved_mib=")
+            step = torch.compile(model.forward, backend=polar_compile.backend(
+                bank, 0.5, inductor=False, min_saved_mib=threshold_bytes / 2**20), fullgraph=True)
+            with torch.no_grad():
+                torch.testing.assert_close(step(**driver.decode_inputs(driver.prefill())).logits, uncompiled)
