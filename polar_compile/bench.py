@@ -4,7 +4,8 @@ For each case (model shape, batch B, context L) it times one decode step of: eag
 transformers ships it, dense Inductor with GQA-native SDPA, and polar at densities 1.0 and 0.5 (all compiled with
 ``mode="reduce-overhead"``, CUDA graphs). Random bf16 weights and random routers: speed does not depend on which
 heads are chosen. The cache of length L is filled with random K/V and every step attends to all L positions (the
-write counter is reset before each step, outside the timed region). The ideal polar speedup is Amdahl's,
+write counter is reset before each step with one launch). Steps are timed back to back (the main numbers) and
+host-synced one by one (see :meth:`DecodeStep.time`). The ideal polar speedup is Amdahl's,
 T / (T - (1 - d) * T_attn), with T the GQA-native dense step and T_attn its attention time (cuDNN SDPA of one
 layer's shape, times the layers).
 
@@ -237,16 +238,20 @@ class DecodeStep:
 
     def reset(self) -> None:
         """Set every initialised cache layer's write counter back to L-1 (the step writes position L-1 again)."""
-        for layer in self.cache.layers:
-            if getattr(layer, "is_initialized", False):
-                layer.cumulative_length.fill_(self.context - 1)
+        counters = [layer.cumulative_length for layer in self.cache.layers if getattr(layer, "is_initialized", False)]
+        if counters:  # one launch for all layers, so back-to-back timing adds almost nothing between steps
+            torch._foreach_copy_(counters, [torch.full_like(c, self.context - 1) for c in counters])
 
-    def time(self, step: Callable[..., Any], repeats: int) -> tuple[float, float]:
-        """(median seconds per step, seconds of the first call: compile + capture for compiled steps).
+    def time(self, step: Callable[..., Any], repeats: int, runs: int = 3) -> tuple[float, float, float]:
+        """Seconds per step: (back to back, host-synced, first call = compile + capture for compiled steps).
 
-        Runs ``repeats + 3`` steps; the first 3 are warm-up, each of the rest is timed with CUDA events.
+        Back to back: ``runs`` runs of ``repeats`` steps between two CUDA events with no host sync in between,
+        so the host's work for the next step overlaps the GPU's (a decode loop that does not wait on every token);
+        the median run's time per step. Host-synced: ``repeats`` single steps, each timed with CUDA events and
+        followed by a sync (a loop that reads every token before the next step); the median. Three warm-up steps
+        come first.
         """
-        times = []
+        synced = []
         start = time.perf_counter()
         with torch.no_grad():
             for i in range(repeats + 3):
@@ -259,15 +264,26 @@ class DecodeStep:
                 if i == 0:
                     first = time.perf_counter() - start
                 if i >= 3:
-                    times.append(begin.elapsed_time(end) / 1e3)
-        return statistics.median(times), first
+                    synced.append(begin.elapsed_time(end) / 1e3)
+            back_to_back = []
+            for _ in range(runs):
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                for _ in range(repeats):
+                    self.reset()
+                    step(**self.inputs)
+                end.record()
+                torch.cuda.synchronize()
+                back_to_back.append(begin.elapsed_time(end) / 1e3 / repeats)
+        return statistics.median(back_to_back), statistics.median(synced), first
 
 
 def compile_variant(model: nn.Module, variant: str, bank: RouterBank) -> Callable[..., Any]:
     """Set ``model``'s attention implementation for ``variant`` (one of :data:`VARIANTS`) and return its step.
 
     ``eager``: ``model.forward``; ``inductor``/``inductor-gqa``: ``torch.compile(backend="inductor")`` with SDPA or
-    GQA-native SDPA; ``polar-D``: attaches ``bank`` at density D and compiles with ``backend="polar"``. Compiled
+    GQA-native SDPA; ``polar-D``: attaches ``bank`` at density D and compiles with ``backend="polar"`` (at D = 1
+    with ``min_saved_mib=0``, so the selective kernel runs rather than the dense path it would pick). Compiled
     steps use ``mode="reduce-overhead", fullgraph=True``; compiling happens on the first call.
     """
     if variant not in VARIANTS:
@@ -276,7 +292,9 @@ def compile_variant(model: nn.Module, variant: str, bank: RouterBank) -> Callabl
     if variant == "eager":
         return model.forward
     if variant.startswith("polar"):
-        attach(model, bank, density=float(variant.split("-")[1]))
+        density = float(variant.split("-")[1])
+        # density 1.0 forces the kernel (min_saved_mib=0): by default such a site saves nothing and stays dense
+        attach(model, bank, density=density, min_saved_mib=0.0 if density == 1.0 else None)
         return torch.compile(model.forward, backend="polar", mode="reduce-overhead", fullgraph=True)
     return torch.compile(model.forward, backend="inductor", mode="reduce-overhead", fullgraph=True)
 
@@ -338,11 +356,10 @@ def run_case(name: str, layers: int, batch: int, context: int, repeats: int) -> 
     for variant in VARIANTS:
         torch._dynamo.reset()
         fn = compile_variant(model, variant, bank)
-        seconds, first = step.time(fn, repeats)
-        row[variant] = seconds
-        row[f"{variant}-first-call"] = first
-        print(f"  {name} B={batch} L={context} {variant:>13}: {seconds * 1e3:8.3f} ms/step  first call {first:6.1f} s",
-              flush=True)
+        seconds, synced, first = step.time(fn, repeats)
+        row[variant], row[f"{variant}-synced"], row[f"{variant}-first-call"] = seconds, synced, first
+        print(f"  {name} B={batch} L={context} {variant:>13}: {seconds * 1e3:8.3f} ms/step back to back, "
+              f"{synced * 1e3:8.3f} host-synced, first call {first:6.1f} s", flush=True)
     torch._dynamo.reset()
     routed = len(bank.layers) / layers  # layer 0 stays dense by design
     del model, step, fn
@@ -352,21 +369,24 @@ def run_case(name: str, layers: int, batch: int, context: int, repeats: int) -> 
 
 
 def markdown(rows: Iterable[Row]) -> str:
-    """The results table (ms per step per variant, then ratios) as Markdown, one line per row."""
+    """The results table as Markdown, one line per row: ms per step back to back per variant, then ratios."""
     head = ("| model | B | L | eager | inductor (2) | inductor GQA-native (3) | polar 1.0 | polar 0.5 | "
             "0.5 vs (3) | ideal | % of ideal | ideal, layer 0 dense | % of it | 0.5 vs (2) | 1.0 vs (3) | "
-            "attn share of (3) | compile polar/dense |")
+            "attn share of (3) | compile polar/dense | 0.5 vs (3), host-synced |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         ms = {v: r[v] * 1e3 for v in VARIANTS}
         speed3 = r["inductor-gqa"] / r["polar-0.5"]
+        synced_speedup = (f"{r['inductor-gqa-synced'] / r['polar-0.5-synced']:.2f}x" if "polar-0.5-synced" in r
+                          else "—")  # rows measured before host-synced timing was split out
         lines.append(
             f"| {r['model']} ({r['layers']} layers) | {r['batch']} | {r['context']} | {ms['eager']:.3f} | "
             f"{ms['inductor']:.3f} | {ms['inductor-gqa']:.3f} | {ms['polar-1.0']:.3f} | {ms['polar-0.5']:.3f} | "
             f"{speed3:.2f}x | {r['ideal-0.5']:.2f}x | {100 * speed3 / r['ideal-0.5']:.0f}% | "
             f"{r['ideal-0.5-layer0-dense']:.2f}x | {100 * speed3 / r['ideal-0.5-layer0-dense']:.0f}% | "
             f"{r['inductor'] / r['polar-0.5']:.2f}x | {r['polar-1.0'] / r['inductor-gqa']:.3f} | "
-            f"{r['attention-share']:.0%} | {r['polar-0.5-first-call'] / r['inductor-first-call']:.2f} |")
+            f"{r['attention-share']:.0%} | {r['polar-0.5-first-call'] / r['inductor-first-call']:.2f} | "
+            f"{synced_speedup} |")
     return "\n".join(lines)
 
 
