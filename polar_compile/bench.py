@@ -6,8 +6,8 @@ transformers ships it, dense Inductor with GQA-native SDPA, and polar at densiti
 heads are chosen. The cache of length L is filled with random K/V and every step attends to all L positions (the
 write counter is reset before each step with one launch). Steps are timed back to back (the main numbers) and
 host-synced one by one (see :meth:`DecodeStep.time`). The ideal polar speedup is Amdahl's,
-T / (T - (1 - d) * T_attn), with T the GQA-native dense step and T_attn its attention time (cuDNN SDPA of one
-layer's shape, times the layers).
+T / (T - (1 - d) * T_attn), with T the GQA-native dense step and T_attn the GPU time of its attention kernels in
+that step (profiled).
 
 Needs a CUDA GPU (CUDA events, CUDA graphs). ``transformers`` and ``matplotlib`` are imported inside the functions
 that use them, so importing this module stays cheap.
@@ -52,7 +52,8 @@ __all__ = [
     "require_cuda",
     "DecodeStep",
     "compile_variant",
-    "attention_seconds",
+    "is_attention_kernel",
+    "kernel_seconds",
     "ideal_speedup",
     "add_ideals",
     "run_case",
@@ -299,21 +300,25 @@ def compile_variant(model: nn.Module, variant: str, bank: RouterBank) -> Callabl
     return torch.compile(model.forward, backend="inductor", mode="reduce-overhead", fullgraph=True)
 
 
-def attention_seconds(config: PretrainedConfig, batch: int, context: int, repeats: int) -> float:
-    """cuDNN SDPA (GQA-native, HF decode mask) for one layer's decode shape, median seconds (CUDA, bf16)."""
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", heads)
-    dim = config.hidden_size // heads
-    q = torch.randn(batch, heads, 1, dim, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(batch, kv_heads, context, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    mask = torch.ones(batch, 1, 1, context, device="cuda", dtype=torch.bool)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from triton.testing import do_bench
+def is_attention_kernel(name: str) -> bool:
+    """Whether a CUDA kernel name is dense SDPA's attention kernel (cuDNN, flash or memory-efficient), not a
+    fused Inductor kernel named after the ops it feeds."""
+    return not name.startswith("triton_") and any(tag in name for tag in ("sdpa", "fmha", "flash"))
 
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        ms = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv_heads != heads),
-                      return_mode="median")
-    return ms / 1e3
+
+def kernel_seconds(step: DecodeStep, fn: Callable[..., Any], kernels: Callable[[str], bool], steps: int = 5
+                   ) -> float:
+    """GPU seconds per step spent in the CUDA kernels whose names ``kernels`` accepts, while ``fn`` runs
+    ``steps`` back-to-back decode steps under the profiler (kernels inside CUDA graphs included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step.reset()
+            fn(**step.inputs)
+        torch.cuda.synchronize()
+    micros = sum(e.self_device_time_total for e in prof.key_averages() if kernels(e.key))
+    return micros / 1e6 / steps
 
 
 def ideal_speedup(step_seconds: float, attn_seconds: float, density: float, routed_share: float = 1.0) -> float:
@@ -342,8 +347,10 @@ def add_ideals(row: Row, attn_seconds: float, routed_share: float) -> Row:
 def run_case(name: str, layers: int, batch: int, context: int, repeats: int) -> Row:
     """Time every variant of :data:`VARIANTS` for one case on CUDA and return its row (seconds, ratios).
 
-    The row holds ``model, layers, batch, context``, per variant its median step seconds and ``<variant>-first-call``
-    seconds, and the :func:`add_ideals` fields. Prints one line per variant as it goes.
+    The row holds ``model, layers, batch, context``, per variant its step seconds (back to back,
+    ``<variant>-synced``, ``<variant>-first-call``), ``router-share`` (the router kernel's share of the polar 0.5
+    step) and the :func:`add_ideals` fields, with T_attn = the GPU time of the attention kernels in step (3).
+    Prints one line per variant as it goes.
     """
     config = SHAPES[name](layers)
     from transformers import AutoModelForCausalLM
@@ -360,11 +367,12 @@ def run_case(name: str, layers: int, batch: int, context: int, repeats: int) -> 
         row[variant], row[f"{variant}-synced"], row[f"{variant}-first-call"] = seconds, synced, first
         print(f"  {name} B={batch} L={context} {variant:>13}: {seconds * 1e3:8.3f} ms/step back to back, "
               f"{synced * 1e3:8.3f} host-synced, first call {first:6.1f} s", flush=True)
+        if variant == "inductor-gqa":
+            t_attn = kernel_seconds(step, fn, is_attention_kernel)
+        elif variant == "polar-0.5":
+            row["router-share"] = kernel_seconds(step, fn, lambda kernel: kernel == "_route_kernel") / seconds
     torch._dynamo.reset()
     routed = len(bank.layers) / layers  # layer 0 stays dense by design
-    del model, step, fn
-    torch.cuda.empty_cache()  # the attention timing below needs the memory the model's cache held
-    t_attn = layers * attention_seconds(config, batch, context, repeats)
     return add_ideals(row, t_attn, routed)
 
 
@@ -372,7 +380,7 @@ def markdown(rows: Iterable[Row]) -> str:
     """The results table as Markdown, one line per row: ms per step back to back per variant, then ratios."""
     head = ("| model | B | L | eager | inductor (2) | inductor GQA-native (3) | polar 1.0 | polar 0.5 | "
             "0.5 vs (3) | ideal | % of ideal | ideal, layer 0 dense | % of it | 0.5 vs (2) | 1.0 vs (3) | "
-            "attn share of (3) | compile polar/dense | 0.5 vs (3), host-synced |")
+            "attn share of (3) | router share of 0.5 | compile polar/dense | 0.5 vs (3), host-synced |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         ms = {v: r[v] * 1e3 for v in VARIANTS}
@@ -385,7 +393,8 @@ def markdown(rows: Iterable[Row]) -> str:
             f"{speed3:.2f}x | {r['ideal-0.5']:.2f}x | {100 * speed3 / r['ideal-0.5']:.0f}% | "
             f"{r['ideal-0.5-layer0-dense']:.2f}x | {100 * speed3 / r['ideal-0.5-layer0-dense']:.0f}% | "
             f"{r['inductor'] / r['polar-0.5']:.2f}x | {r['polar-1.0'] / r['inductor-gqa']:.3f} | "
-            f"{r['attention-share']:.0%} | {r['polar-0.5-first-call'] / r['inductor-first-call']:.2f} | "
+            f"{r['attention-share']:.0%} | {r['router-share']:.1%} | "
+            f"{r['polar-0.5-first-call'] / r['inductor-first-call']:.2f} | "
             f"{synced_speedup} |")
     return "\n".join(lines)
 

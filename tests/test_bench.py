@@ -22,6 +22,7 @@ from polar_compile.bench import (
     compile_variant,
     grid,
     ideal_speedup,
+    is_attention_kernel,
     markdown,
     parse_cases,
     parse_models,
@@ -33,7 +34,8 @@ from polar_compile.bench import (
 from polar_compile.cli import main
 from polar_compile.testing import random_routers
 
-# The first row of benchmarks/decode.json (H200) and its line in benchmarks/RESULTS.md, as committed in c2754c3.
+# The first row of benchmarks/decode.json (H200) and its line in benchmarks/RESULTS.md, as committed in c2754c3
+# (plus a router share, a column added since).
 H200_ROW = {
     "model": "llama2-7b", "layers": 16, "batch": 64, "context": 4096,
     "eager": 0.021447999954223633, "eager-first-call": 0.02312590199998965,
@@ -42,10 +44,10 @@ H200_ROW = {
     "polar-1.0": 0.01868742370605469, "polar-1.0-first-call": 26.614841322000004,
     "polar-0.5": 0.011740848064422608, "polar-0.5-first-call": 27.458286808999986,
     "attention-share": 0.8363190079168394, "ideal-0.5": 1.718684084045839,
-    "ideal-0.5-layer0-dense": 1.6448032157611543,
+    "ideal-0.5-layer0-dense": 1.6448032157611543, "router-share": 0.0081,
 }
 H200_LINE = ("| llama2-7b (16 layers) | 64 | 4096 | 21.448 | 18.746 | 18.610 | 18.687 | 11.741 | 1.59x | 1.72x | 92% | "
-             "1.64x | 96% | 1.60x | 1.004 | 84% | 1.34 | — |")  # measured before host-synced timing was split out
+             "1.64x | 96% | 1.60x | 1.004 | 84% | 0.8% | 1.34 | — |")  # measured before host-synced timing was split out
 
 
 def synthetic_row(model: str = "llama3-8b", batch: int = 16, context: int = 1024, **times: float) -> dict:
@@ -56,6 +58,7 @@ def synthetic_row(model: str = "llama3-8b", batch: int = 16, context: int = 1024
         row[variant] = times.get(variant, seconds)
         row[f"{variant}-synced"] = row[variant] + 0.001
         row[f"{variant}-first-call"] = 10.0
+    row["router-share"] = 0.02
     return add_ideals(row, attn_seconds=0.008, routed_share=0.75)
 
 
@@ -191,7 +194,7 @@ def test_add_ideals_reproduces_the_committed_h200_row():
 def test_markdown_reproduces_the_results_table_line():
     lines = markdown([H200_ROW]).splitlines()
     assert lines[2] == H200_LINE
-    assert len(lines) == 3 and lines[0].count("|") == lines[1].count("|") == H200_LINE.count("|") == 19
+    assert len(lines) == 3 and lines[0].count("|") == lines[1].count("|") == H200_LINE.count("|") == 20
 
 
 def test_markdown_on_synthetic_rows():
@@ -201,7 +204,7 @@ def test_markdown_on_synthetic_rows():
     cells = [c.strip() for c in lines[2].split("|")[1:-1]]
     # ideal: T=10 ms, T_attn=8 ms -> 10/(10-4)=1.67x; layer 0 dense (3/4 routed) -> 10/(10-3)=1.43x
     assert cells == ["llama3-8b (4 layers)", "16", "1024", "40.000", "20.000", "10.000", "10.000", "5.000",
-                     "2.00x", "1.67x", "120%", "1.43x", "140%", "4.00x", "1.000", "80%", "1.00", "1.83x"]
+                     "2.00x", "1.67x", "120%", "1.43x", "140%", "4.00x", "1.000", "80%", "2.0%", "1.00", "1.83x"]
     assert lines[3].split("|")[9].strip() == "1.25x"
 
 
@@ -286,3 +289,12 @@ def test_compile_variant_rejects_unknown_variants():
     model = tiny("llama2-7b")
     with pytest.raises(ValueError, match=r"variant 'polar-0\.3' is not one of"):
         compile_variant(model, "polar-0.3", random_routers(model))
+
+
+def test_attention_kernels_are_told_from_inductor_kernels_named_after_sdpa():
+    assert is_attention_kernel("cudnn_generated_fort_native_sdpa_sm80_flash_fprop_wmma_f16_knob_35_16x128x128")
+    assert is_attention_kernel("fmha_cutlassF_bf16_aligned_64x128_rf_sm80")
+    assert is_attention_kernel("void flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<128, 64, 128, 4>>")
+    assert not is_attention_kernel("triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_add_arange")
+    assert not is_attention_kernel("nvjet_sm90_tst_144x64_64x8_4x1_v_bz_TNN")
+    assert not is_attention_kernel("_select_attention_split_kernel")
