@@ -15,29 +15,11 @@ import argparse
 import math
 
 import torch
-import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import polar_compile
 from polar_compile.data import as_windows
-from polar_compile.evaluate import Evaluator
-
-
-def compiled_token_nll(model, bank, density: float, windows: torch.Tensor) -> torch.Tensor:
-    """Per-token NLL ``[n, T]`` of token-by-token decode compiled with ``backend="polar"`` (CUDA graphs)."""
-    polar_compile.attach(model, bank, density=density, min_saved_mib=0)
-    step = torch.compile(model.forward, backend="polar", mode="reduce-overhead", fullgraph=True)
-    inputs, targets = windows[:, :-1], windows[:, 1:]
-    batch, length = inputs.shape
-    cache = StaticCache(config=model.config, max_cache_len=length)
-    losses = []
-    with torch.no_grad():
-        for t in range(length):
-            logits = step(input_ids=inputs[:, t : t + 1], past_key_values=cache, use_cache=True,
-                          cache_position=torch.tensor([t], device=inputs.device),
-                          position_ids=torch.full((batch, 1), t, device=inputs.device)).logits
-            losses.append(F.cross_entropy(logits[:, -1].float(), targets[:, t], reduction="none"))
-    return torch.stack(losses, dim=1)
+from polar_compile.evaluate import Evaluator, decode_token_nll
 
 
 def main() -> None:
@@ -57,7 +39,9 @@ def main() -> None:
     windows = as_windows(args.data, tokenizer, 512, max_tokens=513 * args.windows)[: args.windows].to(args.device)
     evaluator = Evaluator(model, bank, batch_size=args.windows, progress=False)
     expected = evaluator.token_nll(windows, evaluator.sparsity("routers", args.density)).to(args.device)
-    compiled = compiled_token_nll(model, bank, args.density, windows)
+    polar_compile.attach(model, bank, density=args.density, min_saved_mib=0)
+    step = torch.compile(model.forward, backend="polar", mode="reduce-overhead", fullgraph=True)
+    compiled = decode_token_nll(step, model.config, windows)
     print(f"{len(windows)} windows x {windows.shape[1] - 1} tokens, density {args.density}")
     print(f"eval (routers) perplexity {math.exp(expected.mean()):.4f}; compiled decode {math.exp(compiled.mean()):.4f}")
     print(f"max |per-token NLL difference| {(compiled - expected).abs().max():.2e}; "

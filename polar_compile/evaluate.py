@@ -10,9 +10,10 @@ router (layer 0 by default) stay dense.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,16 @@ from tqdm.auto import tqdm
 from .instrument import SiteInfo, instrument, unit_norms
 from .routers import ModelShape, RouterBank, kept_units
 
-__all__ = ["METHODS", "EvalReport", "Evaluator", "Sparsity", "evaluate", "format_report", "plot_report"]
+__all__ = [
+    "METHODS",
+    "EvalReport",
+    "Evaluator",
+    "Sparsity",
+    "decode_token_nll",
+    "evaluate",
+    "format_report",
+    "plot_report",
+]
 
 METHODS = ("dense", "oracle", "routers")
 
@@ -224,3 +234,22 @@ def plot_report(reports: dict[str, EvalReport], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def decode_token_nll(step: Callable[..., Any], config: Any, windows: Tensor) -> Tensor:
+    """Per-token NLL ``[n, T]`` of ``windows [n, T + 1]`` decoded one token at a time by ``step`` (a model's
+    forward, e.g. compiled with ``backend="polar"``) on a StaticCache of length T for ``config``: what a served model
+    computes, to hold against :meth:`Evaluator.token_nll` on the same windows."""
+    from transformers import StaticCache
+
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    batch, length = inputs.shape
+    cache = StaticCache(config=config, max_cache_len=length)
+    losses = []
+    with torch.no_grad():
+        for t in range(length):
+            logits = step(input_ids=inputs[:, t : t + 1], past_key_values=cache, use_cache=True,
+                          cache_position=torch.tensor([t], device=inputs.device),
+                          position_ids=torch.full((batch, 1), t, device=inputs.device)).logits
+            losses.append(F.cross_entropy(logits[:, -1].float(), targets[:, t], reduction="none"))
+    return torch.stack(losses, dim=1)

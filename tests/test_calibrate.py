@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import StaticCache
 
 import polar_compile
 from polar_compile.calibrate import (
@@ -19,7 +18,7 @@ from polar_compile.calibrate import (
     train_router,
 )
 from polar_compile.data import DataError
-from polar_compile.evaluate import Evaluator, Sparsity
+from polar_compile.evaluate import Evaluator, Sparsity, decode_token_nll
 from polar_compile.instrument import InstrumentError
 from polar_compile.routers import ModelShape, RouterBank, RouterBankError
 from polar_compile.testing import random_routers
@@ -124,21 +123,6 @@ def test_a_model_without_sdpa_attention_is_a_clear_error():
         calibrate(model, random_windows(4, 8), seq_len=8, progress=False)
 
 
-def decode_nll(model, windows, bank, density):
-    """Per-token NLL ``[n, T]`` of compiled token-by-token decode with a StaticCache under backend='polar'."""
-    compiled = torch.compile(model, backend=polar_compile.backend(bank, density, inductor=False))
-    inputs, targets = windows[:, :-1], windows[:, 1:]
-    batch, length = inputs.shape
-    cache = StaticCache(config=model.config, max_cache_len=length)
-    losses = []
-    with torch.no_grad():
-        for t in range(length):
-            logits = compiled(input_ids=inputs[:, t : t + 1], past_key_values=cache, use_cache=True,
-                              cache_position=torch.tensor([t]), position_ids=torch.full((batch, 1), t)).logits
-            losses.append(F.cross_entropy(logits[:, -1], targets[:, t], reduction="none"))
-    return torch.stack(losses, dim=1)
-
-
 @pytest.mark.parametrize("spec", [LLAMA, OPT], ids=["gqa", "mha"])
 def test_saved_bank_drives_the_backend_with_evals_per_token_losses(spec, tmp_path):
     model = tiny_model(spec, seed=5)
@@ -152,7 +136,8 @@ def test_saved_bank_drives_the_backend_with_evals_per_token_losses(spec, tmp_pat
     evaluator = Evaluator(model, loaded, progress=False)
     expected = evaluator.token_nll(windows, evaluator.sparsity("routers", 0.5))
     dense = evaluator.token_nll(windows, evaluator.sparsity("dense", 1.0))
-    decoded = decode_nll(model, windows, loaded, 0.5)
+    compiled = torch.compile(model, backend=polar_compile.backend(loaded, 0.5, inductor=False))
+    decoded = decode_token_nll(compiled, model.config, windows)
     torch.testing.assert_close(decoded, expected, rtol=1e-4, atol=1e-4)
     assert (decoded - dense).abs().max() > 1e-2  # the routers really dropped units
 
