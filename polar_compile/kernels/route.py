@@ -17,13 +17,13 @@ index. NaN scores rank as -inf, so every output slot is written whatever the inp
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
+
+from . import num_sms
 
 __all__ = ["route_triton"]
 
@@ -82,17 +82,10 @@ def _route_kernel(
     tl.store(OUT + offs_m[:, None] * stride_om + rank, units, mask=row_ok[:, None] & unit_ok[None, :] & (rank < k))
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132  # the Triton CPU interpreter: pretend to be an H200 so the split matches the GPU path
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _route_splits(rows: int, hidden: int, device: torch.device) -> int:
     """How many programs share each row block's ``hidden``: enough that about one program per SM streams W."""
     row_blocks = triton.cdiv(rows, _BLOCK_M)
-    return max(1, min(triton.cdiv(hidden, _BLOCK_K), _num_sms(device) // row_blocks))
+    return max(1, min(triton.cdiv(hidden, _BLOCK_K), num_sms(device) // row_blocks))
 
 
 def route_triton(x: Tensor, weight: Tensor, bias: Tensor, k: int) -> Tensor:

@@ -30,7 +30,6 @@ shapes and k = units.shape[1]: no host sync, CUDA-graph safe. Kernels launch thr
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -39,6 +38,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
+
+from . import num_sms
 
 __all__ = ["SelectAttentionConfig", "select_attention_config", "select_attention_triton"]
 
@@ -218,13 +219,6 @@ class SelectAttentionConfig(NamedTuple):
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132  # the Triton CPU interpreter: pretend to be an H200 so heuristics match the GPU path
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def select_attention_config(
     batch: int, num_units: int, kv_len: int, head_dim: int, dtype: torch.dtype, device: torch.device
 ) -> SelectAttentionConfig:
@@ -244,7 +238,7 @@ def select_attention_config(
     stage_bytes = 2 * block_d * torch.finfo(dtype).bits // 8
     block_n = max(16, min(128, 16384 // stage_bytes))
     pairs = batch * num_units
-    slots = 4 * _num_sms(device)
+    slots = 4 * num_sms(device)
 
     def wave_cost(splits: int) -> float:  # time relative to perfectly full waves
         waves = pairs * splits / slots
@@ -253,7 +247,7 @@ def select_attention_config(
     max_splits = max(1, min(16, kv_len // 256))
     best = min(wave_cost(splits) for splits in range(1, max_splits + 1))
     num_splits = next(splits for splits in range(1, max_splits + 1) if wave_cost(splits) <= 1.05 * best)
-    if pairs * num_splits <= _num_sms(device):
+    if pairs * num_splits <= num_sms(device):
         block_n = min(2 * block_n, 128)
     return SelectAttentionConfig(num_splits, block_n, num_warps=4, num_stages=3)
 
