@@ -64,7 +64,9 @@ def _route_kernel(
         partial = PARTIAL + offs_m[:, None] * BLOCK_U + offs_u[None, :]  # this row block's tile, split 0
         split_stride = tl.num_programs(0) * BLOCK_M * BLOCK_U
         tl.store(partial + split * split_stride, scores)
-        # acq_rel: the partials stored above are visible to whichever program arrives last, and it sees theirs.
+        # Every thread's stores are issued before the one atomic (barrier); acq_rel then makes this program's
+        # partials visible to whichever program arrives last, and that one sees all of them.
+        tl.debug_barrier()
         if tl.atomic_add(ARRIVED + block, 1, sem="acq_rel") != NUM_SPLITS - 1:
             return
         scores = tl.zeros([BLOCK_M, BLOCK_U], dtype=tl.float32)
