@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from . import num_sms
+from . import dot_types, num_sms
 
 __all__ = ["route_triton"]
 
@@ -105,15 +105,13 @@ def route_triton(x: Tensor, weight: Tensor, bias: Tensor, k: int) -> Tensor:
     partial = torch.empty((splits, row_blocks * _BLOCK_M, block_u) if splits > 1 else (1,), dtype=torch.float32,
                           device=x.device)
     arrived = torch.zeros(row_blocks, dtype=torch.int32, device=x.device)
-    # fp32 runs in IEEE precision; bf16 in the CPU interpreter runs in fp32 (see select_attention.py).
-    upcast = x.dtype == torch.float32 or (x.device.type == "cpu" and x.dtype == torch.bfloat16)
-    dot_dtype = tl.float32 if upcast else {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[x.dtype]
+    dot_dtype, dot_precision = dot_types(x.dtype, x.device)
     wrap_triton(_route_kernel)[(row_blocks, splits)](
         rows, weight, bias, partial, arrived, out,
         rows.shape[0], hidden, num_units, k, split_len,
         rows.stride(0), rows.stride(1), weight.stride(0), weight.stride(1), k,
         NUM_SPLITS=splits, BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K, BLOCK_U=block_u,
-        DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if upcast else "tf32",
+        DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision,
         num_warps=4,
     )
     return out

@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from . import num_sms
+from . import dot_types, num_sms
 
 __all__ = ["SelectAttentionConfig", "select_attention_config", "select_attention_triton"]
 
@@ -216,9 +216,6 @@ class SelectAttentionConfig(NamedTuple):
     num_stages: int = 3
 
 
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-
 def select_attention_config(
     batch: int, num_units: int, kv_len: int, head_dim: int, dtype: torch.dtype, device: torch.device
 ) -> SelectAttentionConfig:
@@ -293,12 +290,7 @@ def select_attention_triton(
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_u = max(2, triton.next_power_of_2(num_units))
     block_scan = min(2048, max(16, triton.next_power_of_2(kv_len)))
-    # fp32 dots in IEEE precision (Triton's default is tf32). Workaround: triton 3.9's CPU interpreter multiplies
-    # the uint16 storage of bf16 operands in tl.dot (interpreter.py create_dot), so there bf16 dots run in fp32.
-    interpreted = query.device.type == "cpu"
-    upcast = query.dtype == torch.float32 or (interpreted and query.dtype == torch.bfloat16)
-    dot_dtype = tl.float32 if upcast else _TL_DTYPES[query.dtype]
-    dot_precision = "ieee" if upcast else "tf32"
+    dot_dtype, dot_precision = dot_types(query.dtype, query.device)
     # One extra program per sequence (j = k) writes the unselected groups' zeros.
     grid = (num_splits, num_units + 1, batch)
     wrap_triton(_select_attention_split_kernel)[grid](
