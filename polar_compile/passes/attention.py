@@ -43,15 +43,18 @@ class AttentionPass:
 
     def __call__(self, gm: fx.GraphModule) -> PassRecord:
         record = PassRecord(self.name)
+        changed = False
         for site in find_attention_sites(gm):
             reason = self._why_dense(site)
             kept = None
             if reason is None:
                 kept = kept_units(self.config.layer_density(site.layer), site.num_kv_heads)
                 self._rewrite(gm, site, kept)
+                changed = True
             elif site.dense_reason is None and site.key_cache is not site.sdpa.args[1]:
                 _read_unrepeated_cache(gm.graph, site)
                 reason += " (dense, GQA-native SDPA on the un-repeated cache)"
+                changed = True
             record.sites.append(
                 SiteRecord(
                     pass_name=self.name,
@@ -66,7 +69,7 @@ class AttentionPass:
                     reason=reason or "",
                 )
             )
-        if record.rewritten:
+        if changed:  # dense GQA-native sites change the graph too
             gm.graph.lint()
             gm.recompile()
         return record

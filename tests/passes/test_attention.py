@@ -123,3 +123,25 @@ def test_sites_that_would_save_too_little_stay_dense(family):
                 bank, 0.5, inductor=False, min_saved_mib=threshold_bytes / 2**20), fullgraph=True)
             with torch.no_grad():
                 torch.testing.assert_close(step(**driver.decode_inputs(driver.prefill())).logits, uncompiled)
+
+
+def test_dense_gqa_native_rewrite_reaches_the_code_that_runs():
+    """With no site routed, the GQA-native SDPA rewrite still regenerates the module's code (and keeps the numbers)."""
+    model = tiny_model(TinySpec("llama", heads=4, kv_heads=2, head_dim=8, layers=2))
+    driver = DecodeDriver(model, batch=2, prompt_len=3, max_cache_len=8)
+    codes = []
+
+    def capture(gm, example_inputs):
+        forward = polar_compile.backend(inductor=False)(gm, example_inputs)
+        codes.append(gm.code)
+        return forward
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no routers: the one warning is tested above
+        step = torch.compile(model.forward, backend=capture, fullgraph=True)
+        with torch.no_grad():
+            actual = step(**driver.decode_inputs(driver.prefill())).logits
+    with torch.no_grad():
+        expected = model(**driver.decode_inputs(driver.prefill())).logits
+    assert len(codes) == 1 and codes[0].count("enable_gqa = True") == 2
+    torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4)
