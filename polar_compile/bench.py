@@ -219,6 +219,7 @@ class DecodeStep:
         from transformers import StaticCache
 
         self.model, self.batch, self.context = model, batch, context
+        self._rewind: list[Tensor] = []  # L-1 per counter, the source of reset()'s one copy
         self.cache = StaticCache(config=model.config, max_cache_len=context)
         self.inputs = dict(
             input_ids=torch.randint(0, model.config.vocab_size, (batch, 1), device=device),
@@ -240,8 +241,10 @@ class DecodeStep:
     def reset(self) -> None:
         """Set every initialised cache layer's write counter back to L-1 (the step writes position L-1 again)."""
         counters = [layer.cumulative_length for layer in self.cache.layers if getattr(layer, "is_initialized", False)]
+        if len(counters) != len(self._rewind):  # the counters exist once the first step has run
+            self._rewind = [torch.full_like(c, self.context - 1) for c in counters]
         if counters:  # one launch for all layers, so back-to-back timing adds almost nothing between steps
-            torch._foreach_copy_(counters, [torch.full_like(c, self.context - 1) for c in counters])
+            torch._foreach_copy_(counters, self._rewind)
 
     def time(self, step: Callable[..., Any], repeats: int, runs: int = 3) -> tuple[float, float, float]:
         """Seconds per step: (back to back, host-synced, first call = compile + capture for compiled steps).
