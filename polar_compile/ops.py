@@ -8,8 +8,9 @@ in descending score, ties to the lower index.
     out[b, h] = softmax(scale * q[b, h] . K[b, g]^T + mask[b]) @ V[b, g]   if g = h // (H / Hkv) is in units[b]
     out[b, h] = 0                                                          otherwise
 
-On CUDA both run Triton kernels (``kernels/``, launched through ``wrap_triton`` so Inductor sees into them);
-elsewhere they run their ``*_reference`` functions, plain PyTorch math.
+On CUDA both run Triton kernels (``kernels/``, launched through ``wrap_triton``: ``triton_op`` lets Inductor and
+AOTInductor trace into them; the polar backend keeps them opaque, see ``backend.compile_graph``); elsewhere they run
+their ``*_reference`` functions, plain PyTorch math.
 """
 
 from __future__ import annotations
