@@ -41,7 +41,7 @@ def main() -> None:
     expected = evaluator.token_nll(windows, evaluator.sparsity("routers", args.density)).to(args.device)
     polar_compile.attach(model, bank, density=args.density, min_saved_mib=0)
     step = torch.compile(model.forward, backend="polar", mode="reduce-overhead", fullgraph=True)
-    compiled = decode_token_nll(step, model.config, windows)
+    compiled = decode_token_nll(step, model, windows)
     print(f"{len(windows)} windows x {windows.shape[1] - 1} tokens, density {args.density}")
     print(f"eval (routers) perplexity {math.exp(expected.mean()):.4f}; compiled decode {math.exp(compiled.mean()):.4f}")
     print(f"max |per-token NLL difference| {(compiled - expected).abs().max():.2e}; "

@@ -236,20 +236,27 @@ def plot_report(reports: dict[str, EvalReport], path: str | Path) -> Path:
     return path
 
 
-def decode_token_nll(step: Callable[..., Any], config: Any, windows: Tensor) -> Tensor:
-    """Per-token NLL ``[n, T]`` of ``windows [n, T + 1]`` decoded one token at a time by ``step`` (a model's
-    forward, e.g. compiled with ``backend="polar"``) on a StaticCache of length T for ``config``: what a served model
-    computes, to hold against :meth:`Evaluator.token_nll` on the same windows."""
+def decode_token_nll(step: Callable[..., Any], model: nn.Module, windows: Tensor) -> Tensor:
+    """Per-token NLL ``[n, T]`` of ``windows [n, T + 1]`` decoded one token at a time by ``step`` (``model``'s
+    forward, e.g. compiled with ``backend="polar"``) on a StaticCache of length T: what a served model computes, to
+    hold against :meth:`Evaluator.token_nll` on the same windows."""
     from transformers import StaticCache
 
     inputs, targets = windows[:, :-1], windows[:, 1:]
     batch, length = inputs.shape
-    cache = StaticCache(config=config, max_cache_len=length)
+    cache = StaticCache(config=model.config, max_cache_len=length)
+
+    def decode(fn: Callable[..., Any], t: int) -> Tensor:
+        return fn(input_ids=inputs[:, t : t + 1], past_key_values=cache, use_cache=True,
+                  cache_position=torch.tensor([t], device=inputs.device),
+                  position_ids=torch.full((batch, 1), t, device=inputs.device)).logits
+
     losses = []
     with torch.no_grad():
+        # One eager step allocates the cache outside the compiled graph: HF marks the cache tensors static only
+        # there, and a compiled step that mutates unmarked ones runs without CUDA graphs.
+        decode(model, 0)
+        cache.reset()
         for t in range(length):
-            logits = step(input_ids=inputs[:, t : t + 1], past_key_values=cache, use_cache=True,
-                          cache_position=torch.tensor([t], device=inputs.device),
-                          position_ids=torch.full((batch, 1), t, device=inputs.device)).logits
-            losses.append(F.cross_entropy(logits[:, -1].float(), targets[:, t], reduction="none"))
+            losses.append(F.cross_entropy(decode(step, t)[:, -1].float(), targets[:, t], reduction="none"))
     return torch.stack(losses, dim=1)
