@@ -2,7 +2,7 @@
 GQA-native SDPA, and polar at densities 1.0 and 0.5 (all ``mode="reduce-overhead"``, CUDA graphs).
 
     python benchmarks/decode.py --models llama2-7b,llama3-8b,opt-6.7b --batch 1,16,64,128 \
-        --context 1024,4096,8192 --layers 8 --out out/
+        --context 1024,4096,8192 --out out/
 
 A thin wrapper kept so the commands in RESULTS.md stay valid: it runs ``polar-compile bench`` with the same
 arguments (same options, same defaults); the harness lives in ``polar_compile/bench.py``.

@@ -15,6 +15,7 @@ that use them, so importing this module stays cheap.
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import time
@@ -43,6 +44,7 @@ __all__ = [
     "parse_sizes",
     "parse_positive",
     "grid",
+    "layers_that_fit",
     # GQA-native dense attention
     "GQA_ATTENTION",
     "sdpa_gqa_attention",
@@ -67,14 +69,14 @@ __all__ = [
 Row = dict[str, Any]
 
 
-def _llama2_7b(layers: int) -> PretrainedConfig:
+def _llama2_7b(layers: int = 32) -> PretrainedConfig:
     from transformers import LlamaConfig
 
     return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                        num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=16384)
 
 
-def _llama3_8b(layers: int) -> PretrainedConfig:
+def _llama3_8b(layers: int = 32) -> PretrainedConfig:
     from transformers import LlamaConfig
 
     return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -82,7 +84,7 @@ def _llama3_8b(layers: int) -> PretrainedConfig:
                        rope_theta=500000.0)
 
 
-def _opt_6_7b(layers: int) -> PretrainedConfig:
+def _opt_6_7b(layers: int = 32) -> PretrainedConfig:
     from transformers import OPTConfig
 
     return OPTConfig(hidden_size=4096, ffn_dim=16384, num_attention_heads=32, num_hidden_layers=layers,
@@ -94,7 +96,8 @@ SHAPES: dict[str, Callable[[int], PretrainedConfig]] = {
     "llama3-8b": _llama3_8b,  # GQA 32/8
     "opt-6.7b": _opt_6_7b,  # MHA
 }
-"""Model shapes by name: each maps a layer count to a ``transformers`` config with the real model's sizes."""
+"""Model shapes by name: each maps a layer count (default: the real model's) to a ``transformers`` config with the
+real model's sizes."""
 
 VARIANTS = ("eager", "inductor", "inductor-gqa", "polar-1.0", "polar-0.5")
 """The timed variants, in the order they run: (1) eager HF, (2) dense Inductor (HF ``repeat_kv`` + SDPA),
@@ -167,6 +170,39 @@ def parse_sizes(spec: str, what: str = "size") -> list[int]:
 def grid(models: Sequence[str], batches: Sequence[int], contexts: Sequence[int]) -> list[Case]:
     """The models x contexts x batches grid, batch varying fastest (the order ``--models/--batch/--context`` run)."""
     return [Case(m, b, c) for m in models for c in contexts for b in batches]
+
+
+MEMORY_MARGIN = 4 * 2**30
+"""Bytes :func:`layers_that_fit` leaves free besides weights, cache and repeated K/V (CUDA graph pools, cuBLAS
+workspaces, logits, the allocator's slack)."""
+
+
+def layers_that_fit(name: str, batch: int, context: int, free_bytes: int, max_layers: int | None = None) -> int:
+    """The most decoder layers of model shape ``name``, up to its real count (or ``max_layers``), whose bf16
+    weights and bf16 StaticCache of ``batch`` x ``context`` fit in ``free_bytes``, leaving room for one layer's K/V
+    repeated to every head (HF's ``repeat_kv`` in the SDPA variants of GQA models) and :data:`MEMORY_MARGIN`.
+
+    Raises ``ValueError`` naming the case when not even one layer fits.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = SHAPES[name]()
+    with torch.device("meta"):  # sizes only, nothing allocated
+        one, two = (sum(p.numel() for p in AutoModelForCausalLM.from_config(SHAPES[name](n)).parameters())
+                    for n in (1, 2))
+    bf16 = 2
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = config.hidden_size // heads
+    layer_bytes = (two - one) * bf16 + 2 * batch * context * kv_heads * head_dim * bf16  # weights + K and V
+    repeated = 2 * batch * context * heads * head_dim * bf16 if kv_heads != heads else 0
+    room = free_bytes - (2 * one - two) * bf16 - repeated - MEMORY_MARGIN  # minus embeddings, final norm, head
+    fit = min(config.num_hidden_layers, max_layers or config.num_hidden_layers, max(0, room) // layer_bytes)
+    if fit < 1:
+        raise ValueError(f"{name} B={batch} L={context}: one layer needs {layer_bytes / 2**30:.1f} GiB besides "
+                         f"{(free_bytes - room) / 2**30:.1f} GiB of fixed needs, but only "
+                         f"{free_bytes / 2**30:.1f} GiB of GPU memory is free")
+    return int(fit)
 
 
 def sdpa_gqa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
@@ -347,33 +383,39 @@ def add_ideals(row: Row, attn_seconds: float, routed_share: float) -> Row:
     return row
 
 
-def run_case(name: str, layers: int, batch: int, context: int, repeats: int) -> Row:
+def run_case(name: str, batch: int, context: int, repeats: int, max_layers: int | None = None) -> Row:
     """Time every variant of :data:`VARIANTS` for one case on CUDA and return its row (seconds, ratios).
 
+    The model has all its layers, or ``max_layers``, or fewer when memory forces it (:func:`layers_that_fit`).
     The row holds ``model, layers, batch, context``, per variant its step seconds (back to back,
     ``<variant>-synced``, ``<variant>-first-call``), ``router-share`` (the router kernel's share of the polar 0.5
     step) and the :func:`add_ideals` fields, with T_attn = the GPU time of the attention kernels in step (3).
-    Prints one line per variant as it goes.
+    Every compile is a full one: FX-graph and AOTAutograd caches are off, so (2) and (3), whose graphs match for
+    MHA models, do not share one; Triton's kernel cache serves every variant alike. Prints a line per variant.
     """
-    config = SHAPES[name](layers)
     from transformers import AutoModelForCausalLM
 
+    gc.collect()
+    torch.cuda.empty_cache()
+    layers = layers_that_fit(name, batch, context, torch.cuda.mem_get_info()[0], max_layers)
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+        model = AutoModelForCausalLM.from_config(SHAPES[name](layers), dtype=torch.bfloat16).eval()
     step = DecodeStep(model, batch, context)
     bank = random_routers(model, seed=0)
     row: Row = {"model": name, "layers": layers, "batch": batch, "context": context}
-    for variant in VARIANTS:
-        torch._dynamo.reset()
-        fn = compile_variant(model, variant, bank)
-        seconds, synced, first = step.time(fn, repeats)
-        row[variant], row[f"{variant}-synced"], row[f"{variant}-first-call"] = seconds, synced, first
-        print(f"  {name} B={batch} L={context} {variant:>13}: {seconds * 1e3:8.3f} ms/step back to back, "
-              f"{synced * 1e3:8.3f} host-synced, first call {first:6.1f} s", flush=True)
-        if variant == "inductor-gqa":
-            t_attn = kernel_seconds(step, fn, is_attention_kernel)
-        elif variant == "polar-0.5":
-            row["router-share"] = kernel_seconds(step, fn, lambda kernel: kernel == "_route_kernel") / seconds
+    with (torch._inductor.config.patch(fx_graph_cache=False),
+          torch._functorch.config.patch(enable_autograd_cache=False)):
+        for variant in VARIANTS:
+            torch._dynamo.reset()
+            fn = compile_variant(model, variant, bank)
+            seconds, synced, first = step.time(fn, repeats)
+            row[variant], row[f"{variant}-synced"], row[f"{variant}-first-call"] = seconds, synced, first
+            print(f"  {name} ({layers} layers) B={batch} L={context} {variant:>13}: {seconds * 1e3:8.3f} ms/step "
+                  f"back to back, {synced * 1e3:8.3f} host-synced, first call {first:6.1f} s", flush=True)
+            if variant == "inductor-gqa":
+                t_attn = kernel_seconds(step, fn, is_attention_kernel)
+            elif variant == "polar-0.5":
+                row["router-share"] = kernel_seconds(step, fn, lambda kernel: kernel == "_route_kernel") / seconds
     torch._dynamo.reset()
     routed = len(bank.layers) / layers  # layer 0 stays dense by design
     return add_ideals(row, t_attn, routed)
@@ -383,7 +425,7 @@ def markdown(rows: Iterable[Row]) -> str:
     """The results table as Markdown, one line per row: ms per step back to back per variant, then ratios."""
     head = ("| model | B | L | eager | inductor (2) | inductor GQA-native (3) | polar 1.0 | polar 0.5 | "
             "0.5 vs (3) | ideal | % of ideal | ideal, layer 0 dense | % of it | 0.5 vs (2) | 1.0 vs (3) | "
-            "attn share of (3) | router share of 0.5 | compile polar/dense | 0.5 vs (3), host-synced |")
+            "attn share of (3) | router share of 0.5 | compile 0.5 / (3) | 0.5 vs (3), host-synced |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         ms = {v: r[v] * 1e3 for v in VARIANTS}
@@ -397,7 +439,7 @@ def markdown(rows: Iterable[Row]) -> str:
             f"{r['ideal-0.5-layer0-dense']:.2f}x | {100 * speed3 / r['ideal-0.5-layer0-dense']:.0f}% | "
             f"{r['inductor'] / r['polar-0.5']:.2f}x | {r['polar-1.0'] / r['inductor-gqa']:.3f} | "
             f"{r['attention-share']:.0%} | {r['router-share']:.1%} | "
-            f"{r['polar-0.5-first-call'] / r['inductor-first-call']:.2f} | "
+            f"{r['polar-0.5-first-call'] / r['inductor-gqa-first-call']:.2f} | "
             f"{synced_speedup} |")
     return "\n".join(lines)
 
@@ -434,9 +476,10 @@ def plot(rows: Sequence[Row], path: str | Path) -> None:
     plt.close(fig)
 
 
-def run_benchmark(cases: Iterable[Case | tuple[str, int, int]], layers: int, repeats: int,
-                  out: str | Path) -> list[Row]:
-    """Run :func:`run_case` for each case on CUDA, rewriting ``out/decode.json`` and ``decode.md`` after each.
+def run_benchmark(cases: Iterable[Case | tuple[str, int, int]], repeats: int, out: str | Path,
+                  max_layers: int | None = None) -> list[Row]:
+    """Run :func:`run_case` for each case on CUDA (at most ``max_layers`` layers each, default all that fit),
+    rewriting ``out/decode.json`` and ``decode.md`` after each.
 
     Then writes ``out/decode.png`` (:func:`plot`) and prints the Markdown table. Call :func:`require_cuda` first
     for a readable error on machines without a GPU. Returns the rows.
@@ -445,7 +488,7 @@ def run_benchmark(cases: Iterable[Case | tuple[str, int, int]], layers: int, rep
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, batch, context in cases:
-        rows.append(run_case(name, layers, batch, context, repeats))
+        rows.append(run_case(name, batch, context, repeats, max_layers))
         write_results(rows, out)
     plot(rows, out / "decode.png")
     print(markdown(rows))

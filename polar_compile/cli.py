@@ -159,7 +159,8 @@ def _add_bench(subparsers: Any) -> None:
                         type=_bench_option(lambda text: bench.parse_sizes(text, "context")),
                         help="comma-separated context (cache) lengths (default %(default)s)")
     parser.add_argument("--layers", type=_bench_option(lambda text: bench.parse_positive(text, "layers")),
-                        default=8, help="decoder layers of each model (default 8)")
+                        default=None, help="at most this many decoder layers per model (default: all of them); "
+                        "fewer where the weights and cache would not fit in GPU memory")
     parser.add_argument("--repeats", type=_bench_option(lambda text: bench.parse_positive(text, "repeats")),
                         default=30, help="timed steps per variant, after 3 warm-up steps (default 30)")
     parser.add_argument("--cases", type=_bench_option(bench.parse_cases),
@@ -178,7 +179,7 @@ def _bench(args: argparse.Namespace) -> int:
     except CudaUnavailableError as error:
         print(f"polar-compile bench: error: {error}", file=sys.stderr)
         return 1
-    run_benchmark(cases, layers=args.layers, repeats=args.repeats, out=args.out)
+    run_benchmark(cases, repeats=args.repeats, out=args.out, max_layers=args.layers)
     return 0
 
 

@@ -23,6 +23,7 @@ from polar_compile.bench import (
     grid,
     ideal_speedup,
     is_attention_kernel,
+    layers_that_fit,
     markdown,
     parse_cases,
     parse_models,
@@ -35,7 +36,7 @@ from polar_compile.cli import main
 from polar_compile.testing import random_routers
 
 # The first row of benchmarks/decode.json (H200) and its line in benchmarks/RESULTS.md, as committed in c2754c3
-# (plus a router share, a column added since).
+# (plus a router share, a column added since; the compile column now divides by (3)'s first call, not (2)'s).
 H200_ROW = {
     "model": "llama2-7b", "layers": 16, "batch": 64, "context": 4096,
     "eager": 0.021447999954223633, "eager-first-call": 0.02312590199998965,
@@ -47,7 +48,7 @@ H200_ROW = {
     "ideal-0.5-layer0-dense": 1.6448032157611543, "router-share": 0.0081,
 }
 H200_LINE = ("| llama2-7b (16 layers) | 64 | 4096 | 21.448 | 18.746 | 18.610 | 18.687 | 11.741 | 1.59x | 1.72x | 92% | "
-             "1.64x | 96% | 1.60x | 1.004 | 84% | 0.8% | 1.34 | — |")  # measured before host-synced timing was split out
+             "1.64x | 96% | 1.60x | 1.004 | 84% | 0.8% | 3.49 | — |")  # measured before host-synced timing was split out
 
 
 def synthetic_row(model: str = "llama3-8b", batch: int = 16, context: int = 1024, **times: float) -> dict:
@@ -124,13 +125,13 @@ def test_cli_options_and_defaults_match_the_old_script(monkeypatch, tmp_path):
     assert main(["bench"]) == 0
     cases, kwargs = calls.pop()
     assert cases == grid(list(SHAPES), [1, 16, 64, 128], [1024, 4096, 8192])
-    assert kwargs["layers"] == 8 and kwargs["repeats"] == 30 and str(kwargs["out"]) == "out"
+    assert kwargs["max_layers"] is None and kwargs["repeats"] == 30 and str(kwargs["out"]) == "out"  # all layers
     # --cases wins over the grid, as in the script
     assert main(["bench", "--models", "opt-6.7b", "--cases", "llama3-8b:64:8192,llama2-7b:1:4096", "--layers", "16",
                  "--repeats", "20", "--out", str(tmp_path)]) == 0
     cases, kwargs = calls.pop()
     assert cases == [("llama3-8b", 64, 8192), ("llama2-7b", 1, 4096)]
-    assert (kwargs["layers"], kwargs["repeats"], kwargs["out"]) == (16, 20, tmp_path)
+    assert (kwargs["max_layers"], kwargs["repeats"], kwargs["out"]) == (16, 20, tmp_path)
     assert main(["bench", "--models", "opt-6.7b", "--batch", "64", "--context", "2048,4096"]) == 0
     assert calls.pop()[0] == [("opt-6.7b", 64, 2048), ("opt-6.7b", 64, 4096)]
 
@@ -235,6 +236,29 @@ def test_shapes_are_the_real_models(name, params):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(SHAPES[name](32))
     assert sum(p.numel() for p in model.parameters()) == params
+
+
+PUBLISHED = {"llama2-7b": (6_738_415_616, 32000), "llama3-8b": (8_030_261_248, 128256)}  # parameters, vocab
+
+
+@pytest.mark.parametrize(("name", "batch", "context", "kv_heads"),
+                         [("llama2-7b", 64, 4096, 32), ("llama3-8b", 16, 8192, 8)])
+def test_layers_that_fit_counts_weights_cache_and_repeated_kv(name, batch, context, kv_heads):
+    total, vocab = PUBLISHED[name]
+    fixed = 2 * vocab * 4096 + 4096  # embeddings, LM head, final norm
+    per_layer = (total - fixed) // 32
+    layer_bytes = 2 * per_layer + 2 * batch * context * kv_heads * 128 * 2  # bf16 weights, K and V
+    repeated = 0 if kv_heads == 32 else 2 * batch * context * 32 * 128 * 2  # one layer's repeat_kv
+
+    def needs(layers: int) -> int:
+        return 2 * fixed + repeated + bench.MEMORY_MARGIN + layers * layer_bytes
+
+    assert layers_that_fit(name, batch, context, needs(10)) == 10
+    assert layers_that_fit(name, batch, context, needs(10) - 1) == 9
+    assert layers_that_fit(name, batch, context, needs(40)) == 32  # never more than the model has
+    assert layers_that_fit(name, batch, context, needs(40), max_layers=16) == 16
+    with pytest.raises(ValueError, match=rf"{name} B={batch} L={context}: one layer needs .* GiB of GPU memory"):
+        layers_that_fit(name, batch, context, needs(1) - 1)
 
 
 def tiny(name: str, layers: int = 2):
