@@ -11,9 +11,8 @@ every unit of a row against every other one:
 
     rank[r, u] = #{v : s[r, v] > s[r, u]} + #{v < u : s[r, v] == s[r, u]}      (a permutation of 0..units-1)
 
-(all pairs of up to 32 units in one step, BLOCK_V units v a step beyond), then stores unit u at
-out[r, rank[r, u]] when rank < k: the k best units in descending score, ties to the lower
-index. NaN scores rank as -inf, so every output slot is written whatever the inputs.
+(one unit v a step), then stores unit u at out[r, rank[r, u]] when rank < k: the k best units in descending
+score, ties to the lower index. NaN scores rank as -inf, so every output slot is written whatever the inputs.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ __all__ = ["route_triton"]
 _BLOCK_M = 16  # rows per program (the smallest tl.dot tile)
 _BLOCK_K = 128  # hidden columns per loop step
 _MAX_SPLITS = 16  # more programs per row block made the last one's sum slower than the streaming they saved (H200)
-_RANK_TILE = 16384  # BLOCK_M * BLOCK_U * BLOCK_V: unit comparisons per ranking step (128 per thread)
 
 
 @triton.jit
@@ -40,7 +38,7 @@ def _route_kernel(
     rows, hidden, num_units, k, split_len,
     stride_xm, stride_xk, stride_wu, stride_wk, stride_om,
     NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_U: tl.constexpr,
-    BLOCK_V: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # X: [rows, hidden]   W: [units, hidden]   BIAS: [units]   OUT: [rows, k] int64
     # PARTIAL: [NUM_SPLITS, row blocks * BLOCK_M, BLOCK_U] fp32   ARRIVED: [row blocks] int32, zero on entry
@@ -79,17 +77,14 @@ def _route_kernel(
     scores += tl.load(BIAS + offs_u, mask=unit_ok, other=0.0).to(tl.float32)[None, :]
     # NaN and padding units rank last; -inf ties are broken by index like any other tie.
     scores = tl.where(unit_ok[None, :] & (scores == scores), scores, float("-inf"))
-    # Rank against BLOCK_V units v at a time ([BLOCK_M, BLOCK_U, BLOCK_V] comparisons, sized to stay in
-    # registers), read back from this program's own partial tile, which no other program reads any more.
+    # Rank one unit v a step, its column read back from this program's own partial tile (which no other program
+    # reads any more): taking it from the register tile costs a cross-thread reduction per unit, 3-5x slower.
     tl.store(partial + split * split_stride, scores)
     tl.debug_barrier()
     rank = tl.zeros([BLOCK_M, BLOCK_U], dtype=tl.int32)
-    for v0 in tl.static_range(0, BLOCK_U, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
-        s_v = tl.load(PARTIAL + split * split_stride + offs_m[:, None, None] * BLOCK_U + offs_v[None, None, :])
-        s_u = scores[:, :, None]  # s_v: [BLOCK_M, 1, BLOCK_V]   s_u: [BLOCK_M, BLOCK_U, 1]
-        v_first = offs_v[None, None, :] < offs_u[None, :, None]
-        rank += tl.sum(((s_v > s_u) | ((s_v == s_u) & v_first)).to(tl.int32), axis=2)
+    for v in range(0, num_units):
+        s_v = tl.load(PARTIAL + split * split_stride + offs_m * BLOCK_U + v)[:, None]  # [BLOCK_M, 1]: column v
+        rank += ((s_v > scores) | ((s_v == scores) & (v < offs_u[None, :]))).to(tl.int32)
     units = tl.broadcast_to(offs_u[None, :], [BLOCK_M, BLOCK_U]).to(tl.int64)
     tl.store(OUT + offs_m[:, None] * stride_om + rank, units, mask=row_ok[:, None] & unit_ok[None, :] & (rank < k))
 
@@ -112,7 +107,6 @@ def route_triton(x: Tensor, weight: Tensor, bias: Tensor, k: int) -> Tensor:
     split_len = triton.cdiv(triton.cdiv(hidden, splits), _BLOCK_K) * _BLOCK_K
     splits = triton.cdiv(hidden, split_len)  # every split non-empty
     block_u = max(16, triton.next_power_of_2(num_units))
-    block_v = min(block_u, max(1, _RANK_TILE // (_BLOCK_M * block_u)))
     partial = torch.empty((splits, row_blocks * _BLOCK_M, block_u), dtype=torch.float32, device=x.device)
     arrived = torch.zeros(row_blocks, dtype=torch.int32, device=x.device)
     dot_dtype, dot_precision = dot_types(x.dtype, x.device)
@@ -120,7 +114,7 @@ def route_triton(x: Tensor, weight: Tensor, bias: Tensor, k: int) -> Tensor:
         rows, weight, bias, partial, arrived, out,
         rows.shape[0], hidden, num_units, k, split_len,
         rows.stride(0), rows.stride(1), weight.stride(0), weight.stride(1), k,
-        NUM_SPLITS=splits, BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K, BLOCK_U=block_u, BLOCK_V=block_v,
+        NUM_SPLITS=splits, BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K, BLOCK_U=block_u,
         DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision,
         num_warps=4,
     )
