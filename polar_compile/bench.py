@@ -454,7 +454,8 @@ def write_results(rows: Sequence[Row], out: str | Path) -> tuple[Path, Path]:
 
 
 def plot(rows: Sequence[Row], path: str | Path) -> None:
-    """Speedup of polar 0.5 over dense Inductor (2) against batch size, one line per context, one panel a model."""
+    """Speedup of polar 0.5 over dense Inductor (2) against batch size: one panel a model, one line per context
+    and layer count."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -463,10 +464,10 @@ def plot(rows: Sequence[Row], path: str | Path) -> None:
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, name in zip(axes[0], models, strict=True):
-        for context in sorted({r["context"] for r in rows if r["model"] == name}):
+        for context, layers in sorted({(r["context"], r["layers"]) for r in rows if r["model"] == name}):
             points = sorted((r["batch"], r["inductor"] / r["polar-0.5"]) for r in rows
-                            if r["model"] == name and r["context"] == context)
-            ax.plot(*zip(*points, strict=True), marker="o", label=f"L={context}")
+                            if (r["model"], r["context"], r["layers"]) == (name, context, layers))
+            ax.plot(*zip(*points, strict=True), marker="o", label=f"L={context}, {layers} layers")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set(xscale="log", xlabel="batch size", ylabel="speedup over dense Inductor", title=name)
         ax.legend()
