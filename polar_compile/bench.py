@@ -64,6 +64,7 @@ __all__ = [
     "markdown",
     "write_results",
     "plot",
+    "merge_results",
 ]
 
 Row = dict[str, Any]
@@ -494,3 +495,19 @@ def run_benchmark(cases: Iterable[Case | tuple[str, int, int]], repeats: int, ou
     plot(rows, out / "decode.png")
     print(markdown(rows))
     return rows
+
+
+def merge_results(paths: Sequence[str | Path]) -> list[Row]:
+    """The rows of several ``decode.json`` files as one table, ordered by model, layers, context and batch.
+
+    Runs split over several processes (or machines) become one report; a later file's row for the same model,
+    layer count, B and L replaces an earlier one. Raises ``ValueError`` naming a file that holds no list of rows.
+    """
+    merged: dict[tuple[str, int, int, int], Row] = {}
+    for path in paths:
+        rows = json.loads(Path(path).read_text())
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and "model" in r for r in rows):
+            raise ValueError(f"{path}: expected a list of benchmark rows as written by `polar-compile bench`")
+        for r in rows:
+            merged[(r["model"], r["layers"], r["batch"], r["context"])] = r
+    return [merged[key] for key in sorted(merged, key=lambda k: (k[0], k[1], k[3], k[2]))]

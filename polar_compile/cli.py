@@ -167,19 +167,32 @@ def _add_bench(subparsers: Any) -> None:
                         help="MODEL:BATCH:CONTEXT,... instead of the models x batch x context grid")
     parser.add_argument("--out", type=Path, default=Path("out"),
                         help="directory for decode.json, decode.md, decode.png (default out)")
+    parser.add_argument("--report", nargs="+", type=Path, metavar="JSON",
+                        help="measure nothing: merge these decode.json files of earlier runs into one table and plot")
     parser.set_defaults(func=_bench)
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import CudaUnavailableError, grid, require_cuda, run_benchmark
+    from . import bench
 
-    cases = args.cases or grid(args.models, args.batch, args.context)
+    if args.report:
+        try:
+            rows = bench.merge_results(args.report)
+        except (OSError, ValueError) as error:
+            print(f"polar-compile bench: error: {error}", file=sys.stderr)
+            return 1
+        args.out.mkdir(parents=True, exist_ok=True)
+        bench.write_results(rows, args.out)
+        bench.plot(rows, args.out / "decode.png")
+        print(bench.markdown(rows))
+        return 0
+    cases = args.cases or bench.grid(args.models, args.batch, args.context)
     try:
-        require_cuda()
-    except CudaUnavailableError as error:
+        bench.require_cuda()
+    except bench.CudaUnavailableError as error:
         print(f"polar-compile bench: error: {error}", file=sys.stderr)
         return 1
-    run_benchmark(cases, repeats=args.repeats, out=args.out, max_layers=args.layers)
+    bench.run_benchmark(cases, repeats=args.repeats, out=args.out, max_layers=args.layers)
     return 0
 
 

@@ -217,6 +217,35 @@ def test_write_results_round_trips(tmp_path):
     assert md_path.read_text() == markdown(rows) + "\n"
 
 
+def test_report_merges_runs_without_cuda(tmp_path, monkeypatch, capsys):
+    """--report: rows of several runs in one table; a later run's row for the same case replaces the earlier one."""
+    def no_cuda():
+        raise AssertionError("--report must not need a GPU")
+
+    monkeypatch.setattr(bench, "require_cuda", no_cuda)
+    first = [synthetic_row(model="opt-6.7b", batch=64), synthetic_row(batch=64), synthetic_row(batch=16)]
+    second = [synthetic_row(batch=64, **{"polar-0.5": 0.004}), synthetic_row(batch=16, context=4096)]
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, rows in zip(paths, (first, second), strict=True):
+        path.write_text(json.dumps(rows))
+    assert main(["bench", "--report", *map(str, paths), "--out", str(tmp_path / "out")]) == 0
+    merged = json.loads((tmp_path / "out" / "decode.json").read_text())
+    assert [(r["model"], r["batch"], r["context"]) for r in merged] == [
+        ("llama3-8b", 16, 1024), ("llama3-8b", 64, 1024), ("llama3-8b", 16, 4096), ("opt-6.7b", 64, 1024)]
+    assert merged[1]["polar-0.5"] == 0.004  # from the later file
+    assert (tmp_path / "out" / "decode.md").read_text().strip() == markdown(merged)
+    assert (tmp_path / "out" / "decode.png").read_bytes()[:4] == b"\x89PNG"
+    assert capsys.readouterr().out.strip() == markdown(merged)
+
+
+def test_report_names_a_file_that_is_not_a_benchmark(tmp_path, capsys):
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"perplexity": 60.0}))
+    assert main(["bench", "--report", str(path), "--out", str(tmp_path / "out")]) == 1
+    assert f"polar-compile bench: error: {path}: expected a list of benchmark rows" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_plot_writes_a_png(tmp_path):
     rows = [synthetic_row(model=m, batch=b, context=c) for m in ("llama2-7b", "opt-6.7b") for c in (1024, 4096)
             for b in (1, 64)]
