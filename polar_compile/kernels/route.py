@@ -78,7 +78,8 @@ def _route_kernel(
     # NaN and padding units rank last; -inf ties are broken by index like any other tie.
     scores = tl.where(unit_ok[None, :] & (scores == scores), scores, float("-inf"))
     # Rank one unit v a step, its column read back from this program's own partial tile (which no other program
-    # reads any more): taking it from the register tile costs a cross-thread reduction per unit, 3-5x slower.
+    # reads any more): taking it from the register tile costs a cross-thread reduction per unit (H200, 72 units:
+    # 28 us a call against 20).
     tl.store(partial + split * split_stride, scores)
     tl.debug_barrier()
     rank = tl.zeros([BLOCK_M, BLOCK_U], dtype=tl.int32)
