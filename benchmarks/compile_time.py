@@ -15,7 +15,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from polar_compile.bench import SHAPES, DecodeStep, compile_variant, parse_models, require_cuda
+from polar_compile.bench import SHAPES, DecodeStep, compile_variant, full_compiles, parse_models, require_cuda
 from polar_compile.testing import random_routers
 
 
@@ -32,8 +32,7 @@ def main() -> None:
         model = AutoModelForCausalLM.from_config(SHAPES[args.model](args.layers), dtype=torch.bfloat16).eval()
     step = DecodeStep(model, args.batch, args.context)
     bank = random_routers(model, seed=0)
-    with (torch._inductor.config.patch(fx_graph_cache=False),
-          torch._functorch.config.patch(enable_autograd_cache=False), torch.no_grad()):
+    with full_compiles(), torch.no_grad():
         for round_ in range(args.rounds):
             for variant in ("inductor-gqa", "polar-0.5"):
                 torch._dynamo.reset()

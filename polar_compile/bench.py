@@ -15,11 +15,12 @@ that use them, so importing this module stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -54,6 +55,7 @@ __all__ = [
     "require_cuda",
     "DecodeStep",
     "compile_variant",
+    "full_compiles",
     "is_attention_kernel",
     "kernel_seconds",
     "ideal_speedup",
@@ -64,6 +66,7 @@ __all__ = [
     "markdown",
     "write_results",
     "plot",
+    "report",
     "merge_results",
 ]
 
@@ -340,6 +343,15 @@ def compile_variant(model: nn.Module, variant: str, bank: RouterBank) -> Callabl
     return torch.compile(model.forward, backend="inductor", mode="reduce-overhead", fullgraph=True)
 
 
+@contextlib.contextmanager
+def full_compiles() -> Iterator[None]:
+    """Inside, every compile is a full one: FX-graph and AOTAutograd caches are off, so variants whose graphs match
+    ((2) and (3) for MHA models) do not share one; Triton's kernel cache stays on and serves all alike."""
+    with (torch._inductor.config.patch(fx_graph_cache=False),
+          torch._functorch.config.patch(enable_autograd_cache=False)):
+        yield
+
+
 def is_attention_kernel(name: str) -> bool:
     """Whether a CUDA kernel name is dense SDPA's attention kernel (cuDNN, flash or memory-efficient), not a
     fused Inductor kernel named after the ops it feeds."""
@@ -391,8 +403,7 @@ def run_case(name: str, batch: int, context: int, repeats: int, max_layers: int 
     The row holds ``model, layers, batch, context``, per variant its step seconds (back to back,
     ``<variant>-synced``, ``<variant>-first-call``), ``router-share`` (the router kernel's share of the polar 0.5
     step) and the :func:`add_ideals` fields, with T_attn = the GPU time of the attention kernels in step (3).
-    Every compile is a full one: FX-graph and AOTAutograd caches are off, so (2) and (3), whose graphs match for
-    MHA models, do not share one; Triton's kernel cache serves every variant alike. Prints a line per variant.
+    Every compile is a full one (:func:`full_compiles`). Prints a line per variant.
     """
     from transformers import AutoModelForCausalLM
 
@@ -404,8 +415,7 @@ def run_case(name: str, batch: int, context: int, repeats: int, max_layers: int 
     step = DecodeStep(model, batch, context)
     bank = random_routers(model, seed=0)
     row: Row = {"model": name, "layers": layers, "batch": batch, "context": context}
-    with (torch._inductor.config.patch(fx_graph_cache=False),
-          torch._functorch.config.patch(enable_autograd_cache=False)):
+    with full_compiles():
         for variant in VARIANTS:
             torch._dynamo.reset()
             fn = compile_variant(model, variant, bank)
@@ -483,8 +493,8 @@ def run_benchmark(cases: Iterable[Case | tuple[str, int, int]], repeats: int, ou
     """Run :func:`run_case` for each case on CUDA (at most ``max_layers`` layers each, default all that fit),
     rewriting ``out/decode.json`` and ``decode.md`` after each.
 
-    Then writes ``out/decode.png`` (:func:`plot`) and prints the Markdown table. Call :func:`require_cuda` first
-    for a readable error on machines without a GPU. Returns the rows.
+    Then writes the report (:func:`report`). Call :func:`require_cuda` first for a readable error on machines without a GPU.
+    Returns the rows.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -492,9 +502,18 @@ def run_benchmark(cases: Iterable[Case | tuple[str, int, int]], repeats: int, ou
     for name, batch, context in cases:
         rows.append(run_case(name, batch, context, repeats, max_layers))
         write_results(rows, out)
+    report(rows, out)
+    return rows
+
+
+def report(rows: Sequence[Row], out: str | Path) -> None:
+    """Write ``out/decode.json``, ``decode.md`` (:func:`write_results`) and ``decode.png`` (:func:`plot`), and print
+    the Markdown table."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(rows, out)
     plot(rows, out / "decode.png")
     print(markdown(rows))
-    return rows
 
 
 def merge_results(paths: Sequence[str | Path]) -> list[Row]:

@@ -181,10 +181,7 @@ def _bench(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as error:
             print(f"polar-compile bench: error: {error}", file=sys.stderr)
             return 1
-        args.out.mkdir(parents=True, exist_ok=True)
-        bench.write_results(rows, args.out)
-        bench.plot(rows, args.out / "decode.png")
-        print(bench.markdown(rows))
+        bench.report(rows, args.out)
         return 0
     cases = args.cases or bench.grid(args.models, args.batch, args.context)
     try:
