@@ -57,13 +57,18 @@ __all__ = [
     "compile_variant",
     "full_compiles",
     "is_attention_kernel",
-    "kernel_seconds",
+    "KERNEL_CATEGORIES",
+    "PROFILED",
+    "kernel_category",
+    "kernel_breakdown",
     "ideal_speedup",
     "add_ideals",
     "run_case",
     "run_benchmark",
     # writing
     "markdown",
+    "breakdown_markdown",
+    "tables",
     "write_results",
     "plot",
     "report",
@@ -106,6 +111,9 @@ real model's sizes."""
 VARIANTS = ("eager", "inductor", "inductor-gqa", "polar-1.0", "polar-0.5")
 """The timed variants, in the order they run: (1) eager HF, (2) dense Inductor (HF ``repeat_kv`` + SDPA),
 (3) dense Inductor with GQA-native SDPA, (4) polar at density 1.0, (5) polar at density 0.5."""
+
+PROFILED = ("inductor-gqa", "polar-0.5")
+"""The variants whose step :func:`run_case` breaks down by kernel category (the baseline and the sparse step)."""
 
 GQA_ATTENTION = "sdpa_gqa"
 """Name under which :func:`register_gqa_attention` registers :func:`sdpa_gqa_attention` with transformers."""
@@ -358,9 +366,27 @@ def is_attention_kernel(name: str) -> bool:
     return not name.startswith("triton_") and any(tag in name for tag in ("sdpa", "fmha", "flash"))
 
 
-def kernel_seconds(step: DecodeStep, fn: Callable[..., Any], kernels: Callable[[str], bool], steps: int = 5
-                   ) -> float:
-    """GPU seconds per step spent in the CUDA kernels whose names ``kernels`` accepts, while ``fn`` runs
+KERNEL_CATEGORIES = ("attention", "GEMMs", "router", "other")
+"""The categories of :func:`kernel_breakdown`, in the order tables list them."""
+
+
+def kernel_category(name: str) -> str:
+    """The category (one of :data:`KERNEL_CATEGORIES`) of a CUDA kernel by its name: dense SDPA or our selective
+    attention kernels, cuBLAS/CUTLASS GEMMs, the router kernel, or anything else (Inductor's fused kernels,
+    copies, the cache write)."""
+    if name == "_route_kernel":
+        return "router"
+    if is_attention_kernel(name) or name.startswith("_select_attention"):
+        return "attention"
+    if name.startswith("triton_tem_fused_") and "mm" in name:  # Inductor's Triton GEMM templates (max-autotune)
+        return "GEMMs"
+    if not name.startswith("triton_") and any(tag in name.lower() for tag in ("gemm", "nvjet", "cutlass", "xmma")):
+        return "GEMMs"
+    return "other"
+
+
+def kernel_breakdown(step: DecodeStep, fn: Callable[..., Any], steps: int = 5) -> dict[str, float]:
+    """GPU seconds per step in each of :data:`KERNEL_CATEGORIES` (:func:`kernel_category`), while ``fn`` runs
     ``steps`` back-to-back decode steps under the profiler (kernels inside CUDA graphs included)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -369,8 +395,10 @@ def kernel_seconds(step: DecodeStep, fn: Callable[..., Any], kernels: Callable[[
             step.reset()
             fn(**step.inputs)
         torch.cuda.synchronize()
-    micros = sum(e.self_device_time_total for e in prof.key_averages() if kernels(e.key))
-    return micros / 1e6 / steps
+    seconds = dict.fromkeys(KERNEL_CATEGORIES, 0.0)
+    for event in prof.key_averages():
+        seconds[kernel_category(event.key)] += event.self_device_time_total / 1e6 / steps
+    return seconds
 
 
 def ideal_speedup(step_seconds: float, attn_seconds: float, density: float, routed_share: float = 1.0) -> float:
@@ -396,19 +424,26 @@ def add_ideals(row: Row, attn_seconds: float, routed_share: float) -> Row:
     return row
 
 
+def _release_memory() -> None:
+    # CUDA-graph pools are private: memory the caching allocator holds for other uses can't serve them, and at
+    # large B x L (Llama-3.1-8B B=128 L=8192) that slack is the 8 GiB a variant's repeat_kv needs
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def run_case(name: str, batch: int, context: int, repeats: int, max_layers: int | None = None) -> Row:
     """Time every variant of :data:`VARIANTS` for one case on CUDA and return its row (seconds, ratios).
 
     The model has all its layers, or ``max_layers``, or fewer when memory forces it (:func:`layers_that_fit`).
     The row holds ``model, layers, batch, context``, per variant its step seconds (back to back,
     ``<variant>-synced``, ``<variant>-first-call``), ``router-share`` (the router kernel's share of the polar 0.5
-    step) and the :func:`add_ideals` fields, with T_attn = the GPU time of the attention kernels in step (3).
+    step), ``<variant>-gpu`` for the :data:`PROFILED` variants (:func:`kernel_breakdown`) and the
+    :func:`add_ideals` fields, with T_attn = the GPU time of the attention kernels in step (3).
     Every compile is a full one (:func:`full_compiles`). Prints a line per variant.
     """
     from transformers import AutoModelForCausalLM
 
-    gc.collect()
-    torch.cuda.empty_cache()
+    _release_memory()
     layers = layers_that_fit(name, batch, context, torch.cuda.mem_get_info()[0], max_layers)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(SHAPES[name](layers), dtype=torch.bfloat16).eval()
@@ -417,19 +452,19 @@ def run_case(name: str, batch: int, context: int, repeats: int, max_layers: int 
     row: Row = {"model": name, "layers": layers, "batch": batch, "context": context}
     with full_compiles():
         for variant in VARIANTS:
-            torch._dynamo.reset()
+            torch._dynamo.reset()  # also frees the previous variant's CUDA-graph pool
+            _release_memory()
             fn = compile_variant(model, variant, bank)
             seconds, synced, first = step.time(fn, repeats)
             row[variant], row[f"{variant}-synced"], row[f"{variant}-first-call"] = seconds, synced, first
             print(f"  {name} ({layers} layers) B={batch} L={context} {variant:>13}: {seconds * 1e3:8.3f} ms/step "
                   f"back to back, {synced * 1e3:8.3f} host-synced, first call {first:6.1f} s", flush=True)
-            if variant == "inductor-gqa":
-                t_attn = kernel_seconds(step, fn, is_attention_kernel)
-            elif variant == "polar-0.5":
-                row["router-share"] = kernel_seconds(step, fn, lambda kernel: kernel == "_route_kernel") / seconds
+            if variant in PROFILED:
+                row[f"{variant}-gpu"] = kernel_breakdown(step, fn)
+    row["router-share"] = row["polar-0.5-gpu"]["router"] / row["polar-0.5"]
     torch._dynamo.reset()
     routed = len(bank.layers) / layers  # layer 0 stays dense by design
-    return add_ideals(row, t_attn, routed)
+    return add_ideals(row, row["inductor-gqa-gpu"]["attention"], routed)
 
 
 def markdown(rows: Iterable[Row]) -> str:
@@ -455,32 +490,60 @@ def markdown(rows: Iterable[Row]) -> str:
     return "\n".join(lines)
 
 
+def breakdown_markdown(rows: Iterable[Row]) -> str:
+    """Where each step's GPU time goes, as Markdown: ms per step per :data:`KERNEL_CATEGORIES` for (3) and polar
+    0.5, one line per row that has the breakdown (rows measured before it was added have none); empty when no row
+    has it."""
+    head = "| model | B | L | " + " | ".join(f"{variant} {category}" for variant in ("(3)", "0.5")
+                                           for category in KERNEL_CATEGORIES) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if all(f"{variant}-gpu" in r for variant in PROFILED):
+            ms = [f"{r[f'{variant}-gpu'][category] * 1e3:.3f}" for variant in PROFILED for category in KERNEL_CATEGORIES]
+            lines.append(f"| {r['model']} ({r['layers']} layers) | {r['batch']} | {r['context']} | {' | '.join(ms)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def tables(rows: Sequence[Row]) -> str:
+    """The report's Markdown: :func:`markdown`, then :func:`breakdown_markdown` if any row has a breakdown."""
+    return "\n\n".join(table for table in (markdown(rows), breakdown_markdown(rows)) if table)
+
+
 def write_results(rows: Sequence[Row], out: str | Path) -> tuple[Path, Path]:
-    """Write ``out/decode.json`` (the raw rows) and ``out/decode.md`` (:func:`markdown`); returns both paths."""
+    """Write ``out/decode.json`` (the raw rows) and ``out/decode.md`` (:func:`tables`); returns both paths."""
     out = Path(out)
     json_path, md_path = out / "decode.json", out / "decode.md"
     json_path.write_text(json.dumps(list(rows), indent=1))
-    md_path.write_text(markdown(rows) + "\n")
+    md_path.write_text(tables(rows) + "\n")
     return json_path, md_path
 
 
 def plot(rows: Sequence[Row], path: str | Path) -> None:
-    """Speedup of polar 0.5 over dense Inductor (2) against batch size: one panel a model, one line per context
-    and layer count."""
+    """Speedup of polar 0.5 over dense Inductor (2) against batch size: one panel a model, one line per context;
+    a point with fewer layers than the panel's most is labelled with its layer count."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = sorted({r["model"] for r in rows})
+    colors = {context: f"C{i}" for i, context in enumerate(sorted({r["context"] for r in rows}))}  # same in all panels
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, name in zip(axes[0], models, strict=True):
-        for context, layers in sorted({(r["context"], r["layers"]) for r in rows if r["model"] == name}):
-            points = sorted((r["batch"], r["inductor"] / r["polar-0.5"]) for r in rows
-                            if (r["model"], r["context"], r["layers"]) == (name, context, layers))
-            ax.plot(*zip(*points, strict=True), marker="o", label=f"L={context}, {layers} layers")
+        model_rows = [r for r in rows if r["model"] == name]
+        most_layers = max(r["layers"] for r in model_rows)
+        for context in sorted({r["context"] for r in model_rows}):
+            points = sorted((r["batch"], r["inductor"] / r["polar-0.5"], r["layers"]) for r in model_rows
+                            if r["context"] == context)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=colors[context],
+                    label=f"L={context}")
+            for batch, speedup, count in points:
+                if count < most_layers:
+                    ax.annotate(f"{count} layers", (batch, speedup), textcoords="offset points", xytext=(4, -10),
+                                fontsize=7)
         ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set(xscale="log", xlabel="batch size", ylabel="speedup over dense Inductor", title=name)
+        ax.set(xscale="log", xlabel="batch size", ylabel="speedup over dense Inductor",
+               title=f"{name} ({most_layers} layers unless marked)")
         ax.legend()
     fig.suptitle("polar (density 0.5) decode step vs dense Inductor, H200, bf16")
     fig.tight_layout()
@@ -508,25 +571,29 @@ def run_benchmark(cases: Iterable[Case | tuple[str, int, int]], repeats: int, ou
 
 def report(rows: Sequence[Row], out: str | Path) -> None:
     """Write ``out/decode.json``, ``decode.md`` (:func:`write_results`) and ``decode.png`` (:func:`plot`), and print
-    the Markdown table."""
+    the Markdown tables."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_results(rows, out)
     plot(rows, out / "decode.png")
-    print(markdown(rows))
+    print(tables(rows))
 
 
 def merge_results(paths: Sequence[str | Path]) -> list[Row]:
-    """The rows of several ``decode.json`` files as one table, ordered by model, layers, context and batch.
+    """The rows of several ``decode.json`` files as one table, one row per model, B and L, ordered by model, context
+    and batch.
 
-    Runs split over several processes (or machines) become one report; a later file's row for the same model,
-    layer count, B and L replaces an earlier one. Raises ``ValueError`` naming a file that holds no list of rows.
+    Runs split over several processes (or machines) become one report. Of the rows for one model, B and L it keeps
+    the one with the most layers (a run with all layers supersedes a shorter one); among rows with as many layers,
+    the later file's. Raises ``ValueError`` naming a file that holds no list of rows.
     """
-    merged: dict[tuple[str, int, int, int], Row] = {}
+    merged: dict[tuple[str, int, int], Row] = {}
     for path in paths:
         rows = json.loads(Path(path).read_text())
         if not isinstance(rows, list) or not all(isinstance(r, dict) and "model" in r for r in rows):
             raise ValueError(f"{path}: expected a list of benchmark rows as written by `polar-compile bench`")
         for r in rows:
-            merged[(r["model"], r["layers"], r["batch"], r["context"])] = r
-    return [merged[key] for key in sorted(merged, key=lambda k: (k[0], k[1], k[3], k[2]))]
+            key = (r["model"], r["context"], r["batch"])
+            if key not in merged or r["layers"] >= merged[key]["layers"]:
+                merged[key] = r
+    return [merged[key] for key in sorted(merged)]

@@ -13,16 +13,19 @@ from transformers import AutoModelForCausalLM
 
 from polar_compile import bench
 from polar_compile.bench import (
+    KERNEL_CATEGORIES,
     SHAPES,
     VARIANTS,
     Case,
     CudaUnavailableError,
     DecodeStep,
     add_ideals,
+    breakdown_markdown,
     compile_variant,
     grid,
     ideal_speedup,
     is_attention_kernel,
+    kernel_category,
     layers_that_fit,
     markdown,
     parse_cases,
@@ -30,6 +33,7 @@ from polar_compile.bench import (
     parse_sizes,
     plot,
     require_cuda,
+    tables,
     write_results,
 )
 from polar_compile.cli import main
@@ -51,10 +55,11 @@ H200_LINE = ("| llama2-7b (16 layers) | 64 | 4096 | 21.448 | 18.746 | 18.610 | 1
              "1.64x | 96% | 1.60x | 1.004 | 84% | 0.8% | 3.49 | — |")  # measured before host-synced timing was split out
 
 
-def synthetic_row(model: str = "llama3-8b", batch: int = 16, context: int = 1024, **times: float) -> dict:
+def synthetic_row(model: str = "llama3-8b", batch: int = 16, context: int = 1024, layers: int = 4,
+                  **times: float) -> dict:
     """A row with round numbers: ms per step 40/20/10/10/5 (eager/inductor/gqa/polar 1.0/polar 0.5) back to back,
     each 1 ms more host-synced."""
-    row = {"model": model, "layers": 4, "batch": batch, "context": context}
+    row = {"model": model, "layers": layers, "batch": batch, "context": context}
     for variant, seconds in zip(VARIANTS, (0.040, 0.020, 0.010, 0.010, 0.005), strict=True):
         row[variant] = times.get(variant, seconds)
         row[f"{variant}-synced"] = row[variant] + 0.001
@@ -214,25 +219,47 @@ def test_write_results_round_trips(tmp_path):
     json_path, md_path = write_results(rows, tmp_path)
     assert (json_path, md_path) == (tmp_path / "decode.json", tmp_path / "decode.md")
     assert json.loads(json_path.read_text()) == rows
-    assert md_path.read_text() == markdown(rows) + "\n"
+    assert md_path.read_text() == markdown(rows) + "\n"  # no breakdown table: no row has one
+
+
+def with_breakdown(row: dict, dense: tuple[float, ...], sparse: tuple[float, ...]) -> dict:
+    row["inductor-gqa-gpu"] = dict(zip(KERNEL_CATEGORIES, dense, strict=True))
+    row["polar-0.5-gpu"] = dict(zip(KERNEL_CATEGORIES, sparse, strict=True))
+    return row
+
+
+def test_breakdown_table_lists_the_rows_that_have_one():
+    rows = [with_breakdown(synthetic_row(), (0.008, 0.0015, 0.0, 0.0005), (0.0042, 0.0015, 0.0001, 0.00051)),
+            synthetic_row(batch=64)]  # measured before the breakdown existed
+    lines = breakdown_markdown(rows).splitlines()
+    assert len(lines) == 3 and lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 12
+    assert [c.strip() for c in lines[2].split("|")[1:-1]] == [
+        "llama3-8b (4 layers)", "16", "1024", "8.000", "1.500", "0.000", "0.500", "4.200", "1.500", "0.100", "0.510"]
+    assert breakdown_markdown(rows[1:]) == ""
+    assert tables(rows) == markdown(rows) + "\n\n" + breakdown_markdown(rows)
+    assert tables(rows[1:]) == markdown(rows[1:])
 
 
 def test_report_merges_runs_without_cuda(tmp_path, monkeypatch, capsys):
-    """--report: rows of several runs in one table; a later run's row for the same case replaces the earlier one."""
+    """--report: rows of several runs in one table, one per case: the one with the most layers, else the later."""
     def no_cuda():
         raise AssertionError("--report must not need a GPU")
 
     monkeypatch.setattr(bench, "require_cuda", no_cuda)
-    first = [synthetic_row(model="opt-6.7b", batch=64), synthetic_row(batch=64), synthetic_row(batch=16)]
-    second = [synthetic_row(batch=64, **{"polar-0.5": 0.004}), synthetic_row(batch=16, context=4096)]
+    first = [synthetic_row(model="opt-6.7b", batch=64), synthetic_row(batch=64), synthetic_row(batch=16, layers=8),
+             synthetic_row(batch=128)]
+    second = [synthetic_row(batch=64, **{"polar-0.5": 0.004}), synthetic_row(batch=16, context=4096),
+              synthetic_row(batch=16, **{"polar-0.5": 0.003}), synthetic_row(batch=128, layers=6)]
     paths = [tmp_path / "a.json", tmp_path / "b.json"]
     for path, rows in zip(paths, (first, second), strict=True):
         path.write_text(json.dumps(rows))
     assert main(["bench", "--report", *map(str, paths), "--out", str(tmp_path / "out")]) == 0
     merged = json.loads((tmp_path / "out" / "decode.json").read_text())
-    assert [(r["model"], r["batch"], r["context"]) for r in merged] == [
-        ("llama3-8b", 16, 1024), ("llama3-8b", 64, 1024), ("llama3-8b", 16, 4096), ("opt-6.7b", 64, 1024)]
-    assert merged[1]["polar-0.5"] == 0.004  # from the later file
+    assert [(r["model"], r["batch"], r["context"], r["layers"]) for r in merged] == [
+        ("llama3-8b", 16, 1024, 8), ("llama3-8b", 64, 1024, 4), ("llama3-8b", 128, 1024, 6),
+        ("llama3-8b", 16, 4096, 4), ("opt-6.7b", 64, 1024, 4)]
+    assert merged[0]["polar-0.5"] == 0.005  # 8 layers beat the later file's 4
+    assert merged[1]["polar-0.5"] == 0.004  # as many layers: the later file's
     assert (tmp_path / "out" / "decode.md").read_text().strip() == markdown(merged)
     assert (tmp_path / "out" / "decode.png").read_bytes()[:4] == b"\x89PNG"
     assert capsys.readouterr().out.strip() == markdown(merged)
@@ -247,8 +274,8 @@ def test_report_names_a_file_that_is_not_a_benchmark(tmp_path, capsys):
 
 
 def test_plot_writes_a_png(tmp_path):
-    rows = [synthetic_row(model=m, batch=b, context=c) for m in ("llama2-7b", "opt-6.7b") for c in (1024, 4096)
-            for b in (1, 64)]
+    rows = [synthetic_row(model=m, batch=b, context=c, layers=8 if b > 16 and c > 1024 else 32)
+            for m in ("llama2-7b", "opt-6.7b") for c in (1024, 4096) for b in (1, 64)]
     plot(rows, tmp_path / "decode.png")
     assert (tmp_path / "decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -351,3 +378,21 @@ def test_attention_kernels_are_told_from_inductor_kernels_named_after_sdpa():
     assert not is_attention_kernel("triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_add_arange")
     assert not is_attention_kernel("nvjet_sm90_tst_144x64_64x8_4x1_v_bz_TNN")
     assert not is_attention_kernel("_select_attention_split_kernel")
+
+
+@pytest.mark.parametrize(("kernel", "category"), [
+    ("cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x128_4x1x1_kernel0_0", "attention"),
+    ("void flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<128, 64, 128, 4>>", "attention"),
+    ("_select_attention_split_kernel", "attention"),
+    ("_select_attention_merge_kernel", "attention"),
+    ("_route_kernel", "router"),
+    ("nvjet_sm90_tst_144x64_64x8_4x1_v_bz_TNN", "GEMMs"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "GEMMs"),
+    ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>", "GEMMs"),
+    ("triton_tem_fused_mm_3", "GEMMs"),
+    ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_2", "other"),
+    ("triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_add_arange", "other"),
+    ("void at::native::index_elementwise_kernel<128, 4>", "other"),
+])
+def test_kernel_categories(kernel, category):
+    assert kernel_category(kernel) == category
