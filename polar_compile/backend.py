@@ -84,6 +84,10 @@ def compile_graph(
     # (`_param_name_to_source`, `_dynamo_source`), from which Inductor learns that the KV cache is a static
     # input; without it every mutated cache tensor makes Inductor skip CUDA graphs.
     graph_records = run_passes(gm, config)
+    if config.routers is not None:
+        for record in graph_records:
+            if record.note:
+                warnings.warn(f"polar ({record.name} pass): {record.note}", stacklevel=2)
     if records is not None:
         records.append(graph_records)
     if not config.inductor:

@@ -43,6 +43,8 @@ class ExplainReport:
         lines.append(header)
         for index, graph in enumerate(self.graphs):
             for record in graph:
+                if record.note:
+                    lines.append(f"{index:>5} {record.name:<9} {record.note}")
                 for s in record.sites:
                     kept = f"{s.kept}/{s.units}" if s.rewritten else "-"
                     result = "rewritten" if s.rewritten else f"dense: {s.reason}"

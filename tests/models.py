@@ -7,21 +7,41 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import transformers
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
+    FalconConfig,
     GPT2Config,
-    LlamaConfig,
-    MistralConfig,
     OPTConfig,
     PretrainedConfig,
-    Qwen2Config,
-    Qwen3Config,
     StaticCache,
 )
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2")
-MHA_FAMILIES = ("opt", "gpt2")
+# Families with separate or fused Q/K/V linears and a KV-head count: config class, what differs from its defaults.
+LLAMA_LIKE: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "mixtral": ("MixtralConfig", {"sliding_window": None, "num_local_experts": 2}),
+    "qwen2": ("Qwen2Config", {"use_sliding_window": False}),
+    "qwen3": ("Qwen3Config", {"use_sliding_window": False}),
+    "gemma": ("GemmaConfig", {}),
+    "gemma3_text": ("Gemma3TextConfig", {}),
+    "phi": ("PhiConfig", {}),
+    "phi3": ("Phi3Config", {}),
+    "stablelm": ("StableLmConfig", {"partial_rotary_factor": 0.5}),  # 0.25 of head_dim 4 is 1: HF then builds
+    # a query of head_dim 5 against a value of 4, which the matcher rightly keeps dense
+    "cohere": ("CohereConfig", {}),
+    "granite": ("GraniteConfig", {"attention_multiplier": 0.3}),
+    "olmo": ("OlmoConfig", {}),
+    "olmo2": ("Olmo2Config", {}),
+    "starcoder2": ("Starcoder2Config", {"sliding_window": None}),
+    "smollm3": ("SmolLM3Config", {}),
+    "glm": ("GlmConfig", {}),
+    "helium": ("HeliumConfig", {}),
+}
+MHA_FAMILIES = ("opt", "gpt2", "gpt_neox", "falcon")  # Falcon's new architecture caches K/V broadcast to every head
+FAMILIES = (*LLAMA_LIKE, *MHA_FAMILIES)
 VOCAB = 97
 
 
@@ -48,19 +68,21 @@ def tiny_config(spec: TinySpec) -> PretrainedConfig:
     if spec.family == "gpt2":
         return GPT2Config(vocab_size=VOCAB, n_embd=spec.hidden, n_layer=spec.layers, n_head=spec.heads, n_positions=128,
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    if spec.family == "falcon":  # Falcon-40B/180B layout: fused QKV as `x @ weight.T` (FalconLinear), parallel MLP
+        return FalconConfig(**common, new_decoder_architecture=True, num_kv_heads=spec.heads, bias=spec.bias,
+                            alibi=False, hidden_dropout=0.0, attention_dropout=0.0)
     if spec.family == "opt":
         return OPTConfig(**common, ffn_dim=2 * spec.hidden, word_embed_proj_dim=spec.hidden, enable_bias=spec.bias,
                          do_layer_norm_before=True, dropout=0.0, attention_dropout=0.0)
-    llama_like = dict(**common, num_key_value_heads=spec.kv_heads, head_dim=spec.head_dim,
-                      intermediate_size=2 * spec.hidden, tie_word_embeddings=False)
-    if spec.family == "llama":
-        return LlamaConfig(**llama_like, attention_bias=spec.bias)
-    if spec.family == "mistral":
-        return MistralConfig(**llama_like, sliding_window=None)
-    if spec.family == "qwen2":
-        return Qwen2Config(**llama_like, use_sliding_window=False)
-    if spec.family == "qwen3":
-        return Qwen3Config(**llama_like, attention_bias=spec.bias, use_sliding_window=False)
+    if spec.family == "gpt_neox":
+        return transformers.GPTNeoXConfig(**common, intermediate_size=2 * spec.hidden, attention_bias=spec.bias,
+                                          hidden_dropout=0.0, attention_dropout=0.0)
+    if spec.family in LLAMA_LIKE:
+        name, differences = LLAMA_LIKE[spec.family]
+        return getattr(transformers, name)(
+            **common, num_key_value_heads=spec.kv_heads, head_dim=spec.head_dim, intermediate_size=2 * spec.hidden,
+            tie_word_embeddings=False, attention_bias=spec.bias, pad_token_id=None, bos_token_id=None,
+            eos_token_id=None, **differences)
     raise ValueError(f"unknown family {spec.family!r}; known: {FAMILIES}")
 
 
@@ -77,15 +99,19 @@ def tiny_model(spec: TinySpec, seed: int = 0) -> nn.Module:
     return model
 
 
+_QUERY_PROJECTIONS = ("q_proj", "qkv_proj", "query_key_value", "c_attn")
+_OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "dense", "c_proj")
+
+
 def attention_modules(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
-    """Per layer, the (query projection, output projection) modules: the test's own knowledge of HF layouts."""
-    if hasattr(model, "transformer"):  # GPT-2: fused Conv1D c_attn, then c_proj
-        return [(block.attn.c_attn, block.attn.c_proj) for block in model.transformer.h]
-    decoder = model.model.decoder if hasattr(model.model, "decoder") else model.model
+    """Per layer, the (query projection, output projection) modules: the test's own knowledge of HF layouts
+    (an attention module is one holding both, by these names)."""
     pairs = []
-    for layer in decoder.layers:
-        attn = layer.self_attn
-        pairs.append((attn.q_proj, getattr(attn, "o_proj", None) or attn.out_proj))
+    for module in model.modules():
+        query = next((getattr(module, n) for n in _QUERY_PROJECTIONS if hasattr(module, n)), None)
+        output = next((getattr(module, n) for n in _OUTPUT_PROJECTIONS if hasattr(module, n)), None)
+        if query is not None and output is not None:
+            pairs.append((query, output))
     return pairs
 
 

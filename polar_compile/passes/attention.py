@@ -32,6 +32,11 @@ __all__ = ["AttentionPass"]
 
 _VIEW_OPS = ("reshape", "expand", "unsqueeze", "getitem", "slice", "alias")
 
+NOT_SDPA_NOTE = (
+    "no scaled_dot_product_attention call but a softmax: attention that does not go through SDPA (such as HF's "
+    "eager attention) stays dense; load the model with attn_implementation='sdpa' where it supports it"
+)
+
 
 class AttentionPass:
     """Rewrites decode attention into router-gated selective attention (see the module docstring)."""
@@ -44,7 +49,10 @@ class AttentionPass:
     def __call__(self, gm: fx.GraphModule) -> PassRecord:
         record = PassRecord(self.name)
         changed = False
-        for site in find_attention_sites(gm):
+        sites = find_attention_sites(gm)
+        if not sites and any(op_name(node) == "softmax" for node in gm.graph.nodes):
+            record.note = NOT_SDPA_NOTE
+        for site in sites:
             reason = self._why_dense(site)
             kept = None
             if reason is None:

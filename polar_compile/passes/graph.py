@@ -24,6 +24,7 @@ _FUNCTION_TARGETS: dict[str, tuple[Any, ...]] = {
     "sdpa": (F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default),
     "linear": (F.linear, aten.linear.default),
     "addmm": (torch.addmm, aten.addmm.default),  # HF Conv1D (GPT-2): addmm(bias, x.view(-1, d_in), weight)
+    "matmul": (operator.matmul, torch.matmul, aten.matmul.default, aten.mm.default),  # Falcon: x @ weight.T
     "expand": (torch.Tensor.expand, aten.expand.default),
     "reshape": (
         torch.reshape,
@@ -34,6 +35,7 @@ _FUNCTION_TARGETS: dict[str, tuple[Any, ...]] = {
         aten._unsafe_view.default,
     ),
     "unsqueeze": (torch.unsqueeze, torch.Tensor.unsqueeze, aten.unsqueeze.default),
+    "softmax": (F.softmax, torch.softmax, torch.Tensor.softmax, aten._softmax.default, aten.softmax.int),
     "getitem": (operator.getitem,),
     "slice": (aten.slice.Tensor,),
     "alias": (aten.alias.default, torch.Tensor.contiguous, aten.contiguous.default, aten.clone.default),
@@ -44,6 +46,7 @@ _METHOD_NAMES: dict[str, str] = {
     "view": "reshape",
     "unsqueeze": "unsqueeze",
     "contiguous": "alias",
+    "softmax": "softmax",
 }
 _TARGET_TO_NAME: dict[Any, str] = {t: name for name, ts in _FUNCTION_TARGETS.items() for t in ts}
 
@@ -52,8 +55,9 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "sdpa": ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
     "linear": ("input", "weight", "bias"),
     "addmm": ("bias", "input", "weight"),
+    "matmul": ("input", "other"),
 }
-PROJECTIONS = ("linear", "addmm")  # ops whose "input" argument a router can read
+PROJECTIONS = ("linear", "addmm", "matmul")  # ops whose "input" argument a router can read (matmul: by a 2-D weight)
 SDPA_DEFAULTS: dict[str, Any] = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
 

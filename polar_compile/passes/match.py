@@ -2,7 +2,7 @@
 
 A site is a ``scaled_dot_product_attention`` call. From it the matcher recovers, by walking the graph and never
 by module class names:
-- the query projection: the nearest ``linear`` (or Conv1D's ``addmm``) above the SDPA query (through RoPE,
+- the query projection: the nearest ``linear`` (or Conv1D's ``addmm``, or ``x @ weight.T``) above the SDPA query (through RoPE,
   q-norms, pre-scaling, fused QKV splits); its input is the router input (the layer's post-norm hidden state);
 - the KV cache tensors as they sit in memory: the SDPA key/value themselves (MHA, ``enable_gqa=True``) or the
   tensors under HF's ``repeat_kv`` (``x[:, :, None].expand(B, Hkv, R, L, D).reshape(B, H, L, D)``);
@@ -145,7 +145,7 @@ def _why_dense(site: AttentionSite, args: dict, v_shape: tuple) -> str | None:
     if site.scale is None:
         return f"scale is neither a number nor a float in the graph ({args['scale']!r})"
     if site.query_projection is None:
-        return "no linear/addmm query projection above the SDPA query (router input unknown)"
+        return "no linear/addmm/matmul-by-weight query projection above the SDPA query (router input unknown)"
     if site.hidden_size is None:
         return "router input width is unknown or dynamic"
     if site.key_cache is None or site.value_cache is None:
@@ -170,19 +170,29 @@ def _why_dense(site: AttentionSite, args: dict, v_shape: tuple) -> str | None:
 
 
 def _find_query_projection(query: fx.Node) -> fx.Node | None:
-    """Breadth-first up from the SDPA query to the nearest projection (``linear``, or ``addmm`` for HF's Conv1D),
-    not searching past any projection."""
+    """Breadth-first up from the SDPA query to the nearest projection (:func:`_is_projection`), not searching past
+    any projection."""
     seen = {query}
     frontier = deque([query])
     while frontier and len(seen) < _QUERY_PROJECTION_SEARCH_LIMIT:
         node = frontier.popleft()
-        if op_name(node) in PROJECTIONS:
+        if _is_projection(node):
             return node
         for parent in node.all_input_nodes:
             if parent not in seen and parent.op in ("call_function", "call_method"):
                 seen.add(parent)
                 frontier.append(parent)
     return None
+
+
+def _is_projection(node: fx.Node) -> bool:
+    """A linear layer: ``linear``, ``addmm``, or ``matmul`` by a 2-D right operand (``x @ weight.T``); a matmul of
+    two activations (batched) is not one."""
+    name = op_name(node)
+    if name != "matmul":
+        return name in PROJECTIONS
+    other = shape_of(bound_args(node, name).get("other"))
+    return other is not None and len(other) == 2
 
 
 def _unrepeated_cache(node: fx.Node, num_heads: int) -> fx.Node | None:

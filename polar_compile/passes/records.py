@@ -30,6 +30,7 @@ class PassRecord:
     name: str
     sites: list[SiteRecord] = field(default_factory=list)
     seconds: float = 0.0
+    note: str = ""  # about the graph as a whole (why a graph with attention has no site), "" when nothing to say
 
     @property
     def rewritten(self) -> int:

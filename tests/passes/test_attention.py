@@ -38,9 +38,22 @@ def compiled_logits(model, bank, density, inputs):
 @given(spec=specs(), density=st.sampled_from([0.25, 0.5, 0.75]), batch=st.integers(1, 3), seed=st.integers(0, 99),
        data=st.data())
 def test_decode_rewrite_matches_hook_reference(spec, density, batch, seed, data):
+    check_decode_rewrite(spec, density, batch, seed, pad=[data.draw(st.integers(0, 3)) for _ in range(batch)])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_is_rewritten_and_matches_the_hook_reference(family):
+    """Each family once for sure (hypothesis above may not draw them all): layouts such as Falcon's fused
+    ``x @ weight.T`` projection are found."""
+    kv_heads = 4 if family in MHA_FAMILIES else 2
+    check_decode_rewrite(TinySpec(family, heads=4, kv_heads=kv_heads, head_dim=8, layers=3, bias=True), 0.5,
+                         batch=3, seed=11, pad=[0, 2, 1])
+
+
+def check_decode_rewrite(spec, density, batch, seed, pad):
+    """Every layer but 0 rewritten; polar at density 1.0 equals the model, at ``density`` the hook reference."""
     model = tiny_model(spec, seed=seed)
     bank = random_routers(model, seed=seed)
-    pad = [data.draw(st.integers(0, 3)) for _ in range(batch)]
     driver = DecodeDriver(model, batch=batch, prompt_len=4, max_cache_len=12, pad=pad, seed=seed)
 
     report = polar_compile.explain(model, options={"routers": bank, "density": density},
@@ -145,3 +158,34 @@ def test_dense_gqa_native_rewrite_reaches_the_code_that_runs():
         expected = model(**driver.decode_inputs(driver.prefill())).logits
     assert len(codes) == 1 and codes[0].count("enable_gqa = True") == 2
     torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_attention_without_sdpa_stays_dense_and_says_why():
+    """HF's eager attention (matmul, softmax, matmul) has no site: explain and the backend say so, numbers stay."""
+    model = tiny_model(TinySpec("llama", heads=4, kv_heads=2, head_dim=8, layers=3))
+    model.set_attn_implementation("eager")
+    bank = random_routers(model)
+    driver = DecodeDriver(model, batch=2, prompt_len=4, max_cache_len=10, pad=[0, 1])
+    report = polar_compile.explain(model, options={"routers": bank}, **driver.decode_inputs(driver.prefill()))
+    assert not report.sites
+    assert "no scaled_dot_product_attention call but a softmax" in str(report)
+    assert "attn_implementation='sdpa'" in str(report)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model(**driver.decode_inputs(driver.prefill())).logits
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        polar = compiled_logits(model, bank, 0.5, driver.decode_inputs(driver.prefill()))
+    assert any("no scaled_dot_product_attention call" in str(w.message) for w in caught)
+    torch.testing.assert_close(polar, expected)
+
+
+def test_graph_without_attention_has_no_note():
+    model = tiny_model(TinySpec("llama", heads=4, kv_heads=2, head_dim=8, layers=2))
+    mlp = model.model.layers[0].mlp
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step = torch.compile(mlp, backend=polar_compile.backend(random_routers(model), 0.5, inductor=False))
+        step(torch.randn(2, 1, 32))
+    assert not [w for w in caught if "polar" in str(w.message)]
