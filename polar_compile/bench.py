@@ -499,7 +499,8 @@ def breakdown_markdown(rows: Iterable[Row]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if all(f"{variant}-gpu" in r for variant in PROFILED):
-            ms = [f"{r[f'{variant}-gpu'][category] * 1e3:.3f}" for variant in PROFILED for category in KERNEL_CATEGORIES]
+            ms = [f"{r[f'{variant}-gpu'][category] * 1e3:.3f}"
+                  for variant in PROFILED for category in KERNEL_CATEGORIES]
             lines.append(f"| {r['model']} ({r['layers']} layers) | {r['batch']} | {r['context']} | {' | '.join(ms)} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 

@@ -29,8 +29,9 @@ LLAMA_LIKE: dict[str, tuple[str, dict]] = {
     "gemma3_text": ("Gemma3TextConfig", {}),
     "phi": ("PhiConfig", {}),
     "phi3": ("Phi3Config", {}),
-    "stablelm": ("StableLmConfig", {"partial_rotary_factor": 0.5}),  # 0.25 of head_dim 4 is 1: HF then builds
-    # a query of head_dim 5 against a value of 4, which the matcher rightly keeps dense
+    # StableLM's default rotary share, 0.25 of head_dim 4, is 1: HF then builds a query of head_dim 5 against a
+    # value of 4, which the matcher rightly keeps dense
+    "stablelm": ("StableLmConfig", {"partial_rotary_factor": 0.5}),
     "cohere": ("CohereConfig", {}),
     "granite": ("GraniteConfig", {"attention_multiplier": 0.3}),
     "olmo": ("OlmoConfig", {}),

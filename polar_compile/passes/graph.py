@@ -57,7 +57,7 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "addmm": ("bias", "input", "weight"),
     "matmul": ("input", "other"),
 }
-PROJECTIONS = ("linear", "addmm", "matmul")  # ops whose "input" argument a router can read (matmul: by a 2-D weight)
+PROJECTIONS = ("linear", "addmm", "matmul")  # ops whose "input" a router can read (matmul only by a 2-D weight)
 SDPA_DEFAULTS: dict[str, Any] = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
 

@@ -2,8 +2,9 @@
 
 A site is a ``scaled_dot_product_attention`` call. From it the matcher recovers, by walking the graph and never
 by module class names:
-- the query projection: the nearest ``linear`` (or Conv1D's ``addmm``, or ``x @ weight.T``) above the SDPA query (through RoPE,
-  q-norms, pre-scaling, fused QKV splits); its input is the router input (the layer's post-norm hidden state);
+- the query projection: the nearest ``linear`` (or Conv1D's ``addmm``, or Falcon's ``x @ weight.T``) above the
+  SDPA query (through RoPE, q-norms, pre-scaling, fused QKV splits); its input is the router input (the layer's
+  post-norm hidden state);
 - the KV cache tensors as they sit in memory: the SDPA key/value themselves (MHA, ``enable_gqa=True``) or the
   tensors under HF's ``repeat_kv`` (``x[:, :, None].expand(B, Hkv, R, L, D).reshape(B, H, L, D)``);
 - the mask, the scale and the decoder-layer index (from ``nn_module_stack``).
