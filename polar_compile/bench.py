@@ -481,8 +481,8 @@ def markdown(rows: Iterable[Row]) -> str:
         lines.append(
             f"| {r['model']} ({r['layers']} layers) | {r['batch']} | {r['context']} | {ms['eager']:.3f} | "
             f"{ms['inductor']:.3f} | {ms['inductor-gqa']:.3f} | {ms['polar-1.0']:.3f} | {ms['polar-0.5']:.3f} | "
-            f"{speed3:.2f}x | {r['ideal-0.5']:.2f}x | {100 * speed3 / r['ideal-0.5']:.0f}% | "
-            f"{r['ideal-0.5-layer0-dense']:.2f}x | {100 * speed3 / r['ideal-0.5-layer0-dense']:.0f}% | "
+            f"{speed3:.2f}x | {r['ideal-0.5']:.2f}x | {100 * speed3 / r['ideal-0.5']:.1f}% | "
+            f"{r['ideal-0.5-layer0-dense']:.2f}x | {100 * speed3 / r['ideal-0.5-layer0-dense']:.1f}% | "
             f"{r['inductor'] / r['polar-0.5']:.2f}x | {r['polar-1.0'] / r['inductor-gqa']:.3f} | "
             f"{r['attention-share']:.0%} | {r['router-share']:.1%} | "
             f"{r['polar-0.5-first-call'] / r['inductor-gqa-first-call']:.2f} | "
