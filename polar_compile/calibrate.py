@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .data import DataError, as_windows
 from .evaluate import Evaluator, Sparsity
 from .instrument import SiteInfo, instrument, unit_norms
-from .routers import ModelShape, RouterBank, check_density, kept_units, router_from_linear
+from .routers import ModelShape, RouterBank, RouterBankError, check_density, kept_units, router_from_linear
 
 __all__ = ["FeatureStore", "LayerReport", "calibrate", "collect", "router_recall", "select_densities", "train_router"]
 
@@ -76,6 +76,11 @@ def calibrate(
     """
     check_density(density)
     shape = ModelShape.of(model)
+    if shape.num_kv_heads < 2:
+        raise RouterBankError(
+            f"{shape.model_type} attention reads 1 KV head per layer (multi-query): every query head attends over "
+            "the same K/V, so selecting heads would skip no K/V reads; attention routers need at least 2 KV heads"
+        )
     windows = as_windows(data, tokenizer, seq_len, max_tokens=tokens)  # [n, seq_len + 1]
     n_heldout = math.ceil(heldout * len(windows))
     if not 0 < n_heldout < len(windows):

@@ -94,6 +94,12 @@ def _site_info(site: AttentionSite, shape: ModelShape) -> SiteInfo:
             f"count found ({site.dense_reason}), so it has no router input"
         )
     units = site.num_kv_heads or shape.num_kv_heads
+    if units != shape.num_kv_heads:
+        raise InstrumentError(
+            f"layer {site.layer} ({site.module or site.sdpa.name}): the traced attention reads K/V with {units} "
+            f"head(s), but the model config gives {shape.num_kv_heads} KV heads; routers sized from the config "
+            "would not fit this graph"
+        )
     if site.num_heads % units:
         raise InstrumentError(f"layer {site.layer}: {site.num_heads} heads are not a multiple of {units} units")
     return SiteInfo(layer=int(site.layer), num_heads=site.num_heads, units=units)

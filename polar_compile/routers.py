@@ -56,8 +56,17 @@ class ModelShape:
             num_layers=int(config.num_hidden_layers),
             hidden_size=int(config.hidden_size),
             num_heads=int(heads),
-            num_kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+            num_kv_heads=int(_cached_kv_heads(config, heads)),
         )
+
+
+def _cached_kv_heads(config: Any, heads: int) -> int:
+    """KV heads per layer as the model's attention reads them from the cache."""
+    if getattr(config, "new_decoder_architecture", False):
+        return heads  # Falcon-40B/180B layout: K/V broadcast to every query head before the cache
+    if getattr(config, "multi_query", False):
+        return 1  # Falcon-7B layout and GPT-BigCode: one KV head (their configs may still carry num_kv_heads)
+    return getattr(config, "num_key_value_heads", None) or heads
 
 
 @dataclass

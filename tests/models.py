@@ -13,6 +13,7 @@ from transformers import (
     AutoModelForCausalLM,
     FalconConfig,
     GPT2Config,
+    GPTBigCodeConfig,
     OPTConfig,
     PretrainedConfig,
     StaticCache,
@@ -41,8 +42,11 @@ LLAMA_LIKE: dict[str, tuple[str, dict]] = {
     "glm": ("GlmConfig", {}),
     "helium": ("HeliumConfig", {}),
 }
-MHA_FAMILIES = ("opt", "gpt2", "gpt_neox", "falcon")  # Falcon's new architecture caches K/V broadcast to every head
+# Falcon's new architecture caches K/V broadcast to every head; GPT-BigCode here is its multi_query=False layout
+MHA_FAMILIES = ("opt", "gpt2", "gpt_neox", "falcon", "gpt_bigcode")
 FAMILIES = (*LLAMA_LIKE, *MHA_FAMILIES)
+# Layouts whose attention reads one KV head, which routers cannot use (kept out of FAMILIES)
+MULTI_QUERY_FAMILIES = ("falcon_multi_query", "gpt_bigcode_multi_query")
 VOCAB = 97
 
 
@@ -69,9 +73,16 @@ def tiny_config(spec: TinySpec) -> PretrainedConfig:
     if spec.family == "gpt2":
         return GPT2Config(vocab_size=VOCAB, n_embd=spec.hidden, n_layer=spec.layers, n_head=spec.heads, n_positions=128,
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    if spec.family in ("gpt_bigcode", "gpt_bigcode_multi_query"):
+        return GPTBigCodeConfig(vocab_size=VOCAB, n_embd=spec.hidden, n_layer=spec.layers, n_head=spec.heads,
+                                n_positions=128, multi_query=spec.family.endswith("multi_query"), resid_pdrop=0.0,
+                                embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     if spec.family == "falcon":  # Falcon-40B/180B layout: fused QKV as `x @ weight.T` (FalconLinear), parallel MLP
         return FalconConfig(**common, new_decoder_architecture=True, num_kv_heads=spec.heads, bias=spec.bias,
                             alibi=False, hidden_dropout=0.0, attention_dropout=0.0)
+    if spec.family == "falcon_multi_query":  # Falcon-7B layout: one KV head, though num_kv_heads defaults to heads
+        return FalconConfig(**common, new_decoder_architecture=False, multi_query=True, bias=spec.bias, alibi=False,
+                            hidden_dropout=0.0, attention_dropout=0.0)
     if spec.family == "opt":
         return OPTConfig(**common, ffn_dim=2 * spec.hidden, word_embed_proj_dim=spec.hidden, enable_bias=spec.bias,
                          do_layer_norm_before=True, dropout=0.0, attention_dropout=0.0)

@@ -23,7 +23,7 @@ from polar_compile.instrument import InstrumentError
 from polar_compile.routers import ModelShape, RouterBank, RouterBankError
 from polar_compile.testing import random_routers
 from tests.calib_models import LLAMA, OPT, WIKITEXT, load_shared, needs_shared, random_windows
-from tests.models import attention_modules, tiny_model
+from tests.models import MULTI_QUERY_FAMILIES, TinySpec, attention_modules, tiny_model
 
 
 def reference_features(model, inputs):
@@ -120,6 +120,20 @@ def test_a_model_without_sdpa_attention_is_a_clear_error():
     model = tiny_model(LLAMA)
     model.config._attn_implementation = "eager"
     with pytest.raises(InstrumentError, match=r"did not run for layers \[0, 1, 2\]"):
+        calibrate(model, random_windows(4, 8), seq_len=8, progress=False)
+
+
+@pytest.mark.parametrize("family", MULTI_QUERY_FAMILIES)
+def test_a_multi_query_model_is_refused_before_any_work(family):
+    model = tiny_model(TinySpec(family, heads=4, kv_heads=1, head_dim=8, layers=2))
+    with pytest.raises(RouterBankError, match=r"reads 1 KV head per layer .* at least 2 KV heads"):
+        calibrate(model, random_windows(4, 8), seq_len=8, progress=False)
+
+
+def test_a_config_that_disagrees_with_the_traced_graph_names_the_layer():
+    model = tiny_model(LLAMA)  # 2 KV heads in the graph
+    model.config.num_key_value_heads = 4
+    with pytest.raises(Exception, match=r"layer 0 .*reads K/V with 2 head\(s\), but the model config gives 4"):
         calibrate(model, random_windows(4, 8), seq_len=8, progress=False)
 
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from polar_compile import RouterBank, RouterBankError
 from polar_compile.routers import ModelShape
 from polar_compile.testing import random_routers
-from tests.models import TinySpec, tiny_model
+from tests.models import FAMILIES, MHA_FAMILIES, MULTI_QUERY_FAMILIES, DecodeDriver, TinySpec, tiny_model
 
 
 @settings(max_examples=20)
@@ -75,3 +75,12 @@ def test_wrong_router_shape_names_layer_expected_and_actual():
         RouterBank(shape, {2: torch.zeros(4, 32)}, {2: torch.zeros(4)})
     with pytest.raises(RouterBankError, match="router for layer 5, but the model has 3 layers"):
         RouterBank(shape, {5: torch.zeros(2, 32)}, {5: torch.zeros(2)})
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, *MULTI_QUERY_FAMILIES])
+def test_model_shape_counts_the_kv_heads_the_cache_holds(family):
+    # Falcon-7B's config keeps num_kv_heads = heads while its attention caches one KV head; Falcon-40B's caches
+    # K/V broadcast to every head while its num_kv_heads is smaller
+    model = tiny_model(TinySpec(family, heads=4, kv_heads=4 if family in MHA_FAMILIES else 2, head_dim=8, layers=2))
+    cache = DecodeDriver(model, batch=2, prompt_len=3, max_cache_len=8).prefill()
+    assert ModelShape.of(model).num_kv_heads == cache.layers[0].keys.shape[1]

@@ -95,6 +95,8 @@ class AttentionPass:
                 f"layer {site.layer} ({site.module}): router weight is {list(actual)}, the graph needs "
                 f"{list(expected)} ({site.num_kv_heads} {bank.shape.unit_kind}s x hidden {site.hidden_size})"
             )
+        if site.num_kv_heads == 1:
+            return "one KV head (multi-query): every query head reads the same K/V, so there is nothing to select"
         dtype = fake_value(site.query).dtype
         if dtype not in SUPPORTED_DTYPES:
             return f"dtype {dtype} is not supported (supported: {[str(d) for d in SUPPORTED_DTYPES]})"

@@ -10,14 +10,23 @@ from transformers import StaticCache
 
 import polar_compile
 from polar_compile.testing import random_routers
-from tests.models import FAMILIES, MHA_FAMILIES, DecodeDriver, TinySpec, gated_heads, tiny_model
+from tests.models import (
+    FAMILIES,
+    MHA_FAMILIES,
+    MULTI_QUERY_FAMILIES,
+    DecodeDriver,
+    TinySpec,
+    gated_heads,
+    tiny_model,
+)
 
 
 @st.composite
 def specs(draw):
     family = draw(st.sampled_from(FAMILIES))
     heads = draw(st.sampled_from([2, 4, 6, 8]))
-    kv_heads = heads if family in MHA_FAMILIES else draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]))
+    # one KV head (multi-query) stays dense by design: test_multi_query_sites_stay_dense_and_say_why
+    kv_heads = heads if family in MHA_FAMILIES else draw(st.sampled_from([d for d in range(2, heads + 1) if heads % d == 0]))
     return TinySpec(family, heads=heads, kv_heads=kv_heads, head_dim=draw(st.sampled_from([4, 8, 16])),
                     layers=draw(st.integers(2, 4)), bias=draw(st.booleans()))
 
@@ -77,6 +86,22 @@ def check_decode_rewrite(spec, density, batch, seed, pad):
     torch.testing.assert_close(polar, expected, atol=2e-5, rtol=1e-4)
     if max(1, round(density * spec.kv_heads)) < spec.kv_heads:
         assert (polar - uncompiled).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", *MULTI_QUERY_FAMILIES])
+def test_multi_query_sites_stay_dense_and_say_why(family):
+    model = tiny_model(TinySpec(family, heads=4, kv_heads=1, head_dim=8, layers=3), seed=5)
+    bank = random_routers(model, seed=5)
+    driver = DecodeDriver(model, batch=2, prompt_len=4, max_cache_len=12, pad=[0, 2], seed=5)
+    report = polar_compile.explain(model, options={"routers": bank, "density": 0.5},
+                                   **driver.decode_inputs(driver.prefill()))
+    assert not report.rewritten and [s.kv_heads for s in report.dense] == [1, 1, 1]
+    assert all("one KV head (multi-query)" in s.reason for s in report.dense[1:])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model(**driver.decode_inputs(driver.prefill())).logits
+    polar = compiled_logits(model, bank, 0.5, driver.decode_inputs(driver.prefill()))
+    torch.testing.assert_close(polar, expected, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
