@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backend import attach
-from .routers import RouterBank
+from .routers import ModelShape, RouterBank
 from .testing import random_routers
 
 if TYPE_CHECKING:
@@ -200,12 +200,12 @@ def layers_that_fit(name: str, batch: int, context: int, free_bytes: int, max_la
 
     config = SHAPES[name]()
     with torch.device("meta"):  # sizes only, nothing allocated
-        one, two = (sum(p.numel() for p in AutoModelForCausalLM.from_config(SHAPES[name](n)).parameters())
-                    for n in (1, 2))
+        one_layer, two_layers = (AutoModelForCausalLM.from_config(SHAPES[name](n)) for n in (1, 2))
+    one, two = (sum(p.numel() for p in model.parameters()) for model in (one_layer, two_layers))
     bf16 = 2
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = config.hidden_size // heads
+    shape = ModelShape.of(one_layer)
+    heads, kv_heads = shape.num_heads, shape.num_kv_heads
+    head_dim = shape.hidden_size // heads
     layer_bytes = (two - one) * bf16 + 2 * batch * context * kv_heads * head_dim * bf16  # weights + K and V
     repeated = 2 * batch * context * heads * head_dim * bf16 if kv_heads != heads else 0
     room = free_bytes - (2 * one - two) * bf16 - repeated - MEMORY_MARGIN  # minus embeddings, final norm, head
@@ -557,8 +557,8 @@ def run_benchmark(cases: Iterable[Case | tuple[str, int, int]], repeats: int, ou
     """Run :func:`run_case` for each case on CUDA (at most ``max_layers`` layers each, default all that fit),
     rewriting ``out/decode.json`` and ``decode.md`` after each.
 
-    Then writes the report (:func:`report`). Call :func:`require_cuda` first for a readable error on machines without a GPU.
-    Returns the rows.
+    Then writes the report (:func:`report`). Call :func:`require_cuda` first for a readable error on machines
+    without a GPU. Returns the rows.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
