@@ -77,8 +77,9 @@ def tiny_config(spec: TinySpec) -> PretrainedConfig:
         return GPTBigCodeConfig(vocab_size=VOCAB, n_embd=spec.hidden, n_layer=spec.layers, n_head=spec.heads,
                                 n_positions=128, multi_query=spec.family.endswith("multi_query"), resid_pdrop=0.0,
                                 embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    if spec.family == "falcon":  # Falcon-40B/180B layout: fused QKV as `x @ weight.T` (FalconLinear), parallel MLP
-        return FalconConfig(**common, new_decoder_architecture=True, num_kv_heads=spec.heads, bias=spec.bias,
+    if spec.family == "falcon":  # Falcon-40B/180B layout: fused QKV as `x @ weight.T` (FalconLinear), parallel MLP;
+        # fewer KV heads in the projection than in the cache, which holds them broadcast to every head
+        return FalconConfig(**common, new_decoder_architecture=True, num_kv_heads=spec.heads // 2, bias=spec.bias,
                             alibi=False, hidden_dropout=0.0, attention_dropout=0.0)
     if spec.family == "falcon_multi_query":  # Falcon-7B layout: one KV head, though num_kv_heads defaults to heads
         return FalconConfig(**common, new_decoder_architecture=False, multi_query=True, bias=spec.bias, alibi=False,
