@@ -5,17 +5,19 @@ rewrite; sites come from ``passes/match.py``) -> ``ops.py`` (``polar::select_att
 ``kernels/select_attention.py`` (the Triton kernel), with the routers from ``routers.py``.
 """
 
-from .backend import attach, backend
+from .backend import make_backend
 from .calibrate import calibrate
 from .config import PolarConfig
 from .explain import ExplainReport, explain
 from .routers import RouterBank, RouterBankError
+from .state import attach, detach
 
 __all__ = [
     # compile
     "PolarConfig",
     "attach",
-    "backend",
+    "detach",
+    "make_backend",
     # calibrate
     "calibrate",
     # routers

@@ -2,61 +2,48 @@
 
 Registered through the ``torch_dynamo_backends`` entry point, so ``torch.compile(m, backend="polar")`` works
 after ``pip install`` without importing this package.
+
+Where the routers come from, and why a compiled graph can only run with its own (decided in issue 12): Dynamo
+caches a graph per code object and reuses it whenever its guards pass, and it guards only what the traced code
+touched. A side table read by the backend at compile time is invisible to those guards, so a re-attach, a second
+model of the same class, or a new density silently reused the first graph (measured: wrong numbers, no warning).
+So routers are either
+- model state (:func:`polar_compile.attach`, ``state.py``): buffers and ints on each decoder layer that a forward
+  pre-hook feeds through ``polar::layer_router`` into the traced graph. The buffers are graph inputs of that model,
+  the ints guarded constants, and a model without the hooks fails the guards and compiles dense; or
+- ``options={"routers": bank}``: part of the backend, which Dynamo compares by equality before reusing a graph;
+  :class:`RouterBank` compares by identity, so another bank object recompiles. The bank is checked against the
+  graph (widths at every routed site, the decoder's layer count) before any rewrite.
+Options win over attached state where both are given (``density``, ``min_saved_mib``, ``routers``).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import sys
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import fx, nn
-from torch.utils.weak import WeakIdKeyDictionary
+from torch import fx
 
 from . import ops  # noqa: F401  (registers the polar:: ops the rewritten graph calls)
 from .config import PolarConfig
 from .passes.manager import run_passes
+from .passes.match import find_attention_sites
 from .passes.records import PassRecord
+from .passes.routing import is_router_marker
 from .routers import RouterBank
 
-__all__ = ["attach", "backend", "compile_graph", "polar_backend"]
+__all__ = ["compile_graph", "make_backend", "polar_backend"]
 
 NO_ROUTERS_WARNING = (
     "polar: no routers given, so the model compiles dense. Calibrate them with "
     "`polar_compile.calibrate(model, texts)` (or `polar-compile calibrate`), then pass "
     "options={'routers': bank_or_dir} or call `polar_compile.attach(model, bank)`."
 )
-
-# parameter tensor -> (bank, density, min_saved_mib) for models given to attach(); weak, so models can be freed.
-_ATTACHED: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def attach(model: nn.Module, routers: RouterBank | str | Path, *, density: float | Sequence[float] | None = None,
-           min_saved_mib: float | None = None) -> nn.Module:
-    """Tie ``routers`` (and optionally ``density``, ``min_saved_mib``: see :class:`PolarConfig`) to ``model`` so
-    ``backend="polar"`` finds them without options.
-
-    For callers that cannot pass ``options`` (HF ``CompileConfig`` with a ``mode``). Checks the bank against the
-    model's config and raises naming the first mismatch. Returns ``model``.
-    """
-    bank = routers if isinstance(routers, RouterBank) else RouterBank.load(routers)
-    bank.check_model(model)
-    PolarConfig(routers=bank, density=density, min_saved_mib=min_saved_mib)  # validates now, not at compile time
-    for parameter in model.parameters():
-        _ATTACHED[parameter] = (bank, density, min_saved_mib)
-    return model
-
-
-def _find_attached(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[RouterBank, Any, Any] | None:
-    """The bank attached to the model whose parameters this graph takes (as inputs or as attributes)."""
-    candidates = [*example_inputs, *gm.parameters()]
-    for tensor in candidates:
-        if isinstance(tensor, torch.Tensor) and tensor in _ATTACHED:
-            return _ATTACHED[tensor]
-    return None
 
 
 def compile_graph(
@@ -70,21 +57,14 @@ def compile_graph(
 
     Appends this graph's pass records to ``records`` when given.
     """
-    if config.routers is None:
-        attached = _find_attached(gm, example_inputs)
-        if attached is not None:
-            bank, density, min_saved_mib = attached
-            config = dataclasses.replace(
-                config, routers=bank, density=config.density if config.density is not None else density,
-                min_saved_mib=config.min_saved_mib if config.min_saved_mib is not None else min_saved_mib,
-            )
-    if config.routers is None:
+    attached = any(map(is_router_marker, gm.graph.nodes))
+    if config.routers is None and not attached and any(site.is_decode for site in find_attention_sites(gm)):
         warnings.warn(NO_ROUTERS_WARNING, stacklevel=2)
     # Rewritten in place: a copy would lose what Dynamo attaches to the module and its placeholders
     # (`_param_name_to_source`, `_dynamo_source`), from which Inductor learns that the KV cache is a static
     # input; without it every mutated cache tensor makes Inductor skip CUDA graphs.
     graph_records = run_passes(gm, config)
-    if config.routers is not None:
+    if config.routers is not None or attached:
         for record in graph_records:
             if record.note:
                 warnings.warn(f"polar ({record.name} pass): {record.note}", stacklevel=2)
@@ -112,7 +92,7 @@ def polar_backend(
     return compile_graph(gm, example_inputs, PolarConfig.from_options(options), mode)
 
 
-def backend(
+def make_backend(
     routers: RouterBank | str | Path | None = None,
     density: float | Sequence[float] | None = None,
     *,
@@ -121,7 +101,7 @@ def backend(
     inductor: bool = True,
     min_saved_mib: float | None = None,
 ) -> Callable[[fx.GraphModule, Sequence[Any]], Callable[..., Any]]:
-    """A backend callable for ``torch.compile(backend=polar_compile.backend(routers=..., density=...))``."""
+    """A backend callable for ``torch.compile(backend=polar_compile.make_backend(routers=..., density=...))``."""
     options: dict[str, Any] = {"routers": routers, "density": density, "inductor": inductor,
                                "min_saved_mib": min_saved_mib}
     if passes is not None:
@@ -132,3 +112,16 @@ def backend(
         return compile_graph(gm, example_inputs, config, mode)
 
     return polar
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as the old ``polar_compile.make_backend(...)`` (a function of this name used to hide the
+    module). TODO(0.3): remove, with the deprecation period over."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Callable[[fx.GraphModule, Sequence[Any]], Callable[..., Any]]:
+        warnings.warn("polar_compile.make_backend(...) is deprecated, use polar_compile.make_backend(...)",
+                      DeprecationWarning, stacklevel=2)
+        return make_backend(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

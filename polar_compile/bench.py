@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backend import attach
 from .routers import ModelShape, RouterBank
+from .state import attach
 from .testing import random_routers
 
 if TYPE_CHECKING:

@@ -7,18 +7,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .bank_format import describe, is_number
 from .routers import RouterBank, check_density
 
-__all__ = ["AVAILABLE_PASSES", "PolarConfig"]
+__all__ = ["AVAILABLE_PASSES", "PolarConfig", "PolarOptionError"]
 
-AVAILABLE_PASSES = ("attention",)
+AVAILABLE_PASSES = ("attention", "gqa")  # in the order they run
+OPTIONS = ("routers", "density", "passes", "inductor", "min_saved_mib")
+
+
+class PolarOptionError(TypeError, ValueError):
+    """An option of the polar backend with the wrong type or value (both a ``TypeError`` and a ``ValueError``)."""
 
 
 @dataclass(frozen=True)
 class PolarConfig:
     """What the polar backend does to a graph.
 
-    - ``routers``: the :class:`RouterBank` (``None``: found through :func:`polar_compile.attach`, else dense).
+    - ``routers``: the :class:`RouterBank` or its directory (``None``: found through :func:`polar_compile.attach`,
+      else dense).
     - ``density``: fraction of units kept, one float for every routed layer or a per-layer sequence; ``None``
       takes each layer's density from the bank (0.5 where the bank has none).
     - ``passes``: which rewrites run, in the order of :data:`AVAILABLE_PASSES`.
@@ -26,6 +33,8 @@ class PolarConfig:
     - ``min_saved_mib``: a decode site whose sparse attention would skip at most this many MiB of K/V reads per
       step stays dense (e.g. batch 1): there the router and kernel launches cost more than the reads saved.
       ``None``: :attr:`CUDA_MIN_SAVED_MIB` on CUDA (measured on an H200), 0 elsewhere; 0 always routes.
+
+    Construction raises :class:`PolarOptionError` naming the option, the expected and the actual.
     """
 
     VERSION: ClassVar[int] = 1
@@ -39,44 +48,71 @@ class PolarConfig:
     min_saved_mib: float | None = None
 
     def __post_init__(self) -> None:
-        if self.routers is not None and not isinstance(self.routers, RouterBank):
-            raise TypeError(f"routers must be a RouterBank or a directory, got {type(self.routers).__name__}")
-        if isinstance(self.density, Sequence) and not isinstance(self.density, str):
-            densities = tuple(check_density(d, f"density[{i}]") for i, d in enumerate(self.density))
-            object.__setattr__(self, "density", densities)
-            if self.routers is not None and len(densities) != self.routers.shape.num_layers:
-                raise ValueError(
-                    f"per-layer density has {len(densities)} entries, the model has "
-                    f"{self.routers.shape.num_layers} layers"
-                )
-        elif self.density is not None:
-            object.__setattr__(self, "density", check_density(self.density))
-        if self.min_saved_mib is not None and (
-            isinstance(self.min_saved_mib, bool) or not isinstance(self.min_saved_mib, (int, float))
-            or not self.min_saved_mib >= 0
-        ):
-            raise ValueError(f"min_saved_mib must be a number >= 0 (MiB), got {self.min_saved_mib!r}")
-        unknown = [p for p in self.passes if p not in AVAILABLE_PASSES]
+        routers = self.routers
+        if isinstance(routers, (str, Path)):
+            routers = RouterBank.load(routers)
+            object.__setattr__(self, "routers", routers)
+        if routers is not None and not isinstance(routers, RouterBank):
+            raise PolarOptionError(
+                f"routers must be a RouterBank or a router bank directory (str or Path), got {describe(routers)}"
+            )
+        self._check_density()
+        if not isinstance(self.inductor, bool):
+            raise PolarOptionError(f"inductor must be a bool (True or False), got {describe(self.inductor)}")
+        mib = self.min_saved_mib
+        if mib is not None and (not is_number(mib) or not mib >= 0):
+            raise PolarOptionError(
+                f"min_saved_mib must be a number >= 0 (MiB), got {repr(mib) if is_number(mib) else describe(mib)}"
+            )
+        passes = self.passes
+        if isinstance(passes, str):
+            passes = (passes,)
+        if not isinstance(passes, (list, tuple)):
+            raise PolarOptionError(
+                f"passes must be a pass name (str) or a list/tuple of pass names, got {describe(passes)}"
+            )
+        for i, name in enumerate(passes):
+            if not isinstance(name, str):
+                raise PolarOptionError(f"passes[{i}] must be a pass name (str), got {describe(name)}")
+        unknown = [p for p in passes if p not in AVAILABLE_PASSES]
         if unknown:
-            raise ValueError(f"unknown pass(es) {unknown}; available: {list(AVAILABLE_PASSES)}")
-        object.__setattr__(self, "passes", tuple(p for p in AVAILABLE_PASSES if p in self.passes))
+            raise PolarOptionError(f"unknown pass(es) {unknown}; available: {list(AVAILABLE_PASSES)}")
+        object.__setattr__(self, "passes", tuple(p for p in AVAILABLE_PASSES if p in passes))
+
+    def _check_density(self) -> None:
+        density = self.density
+        if density is None:
+            return
+        if is_number(density):
+            object.__setattr__(self, "density", _density(density, "density"))
+            return
+        if not isinstance(density, Sequence) or isinstance(density, (str, bytes)) or not density:
+            raise PolarOptionError(
+                "density must be a number in (0, 1] or a non-empty sequence of such numbers (one per layer), "
+                f"got {describe(density)}"
+            )
+        densities = tuple(_density(d, f"density[{i}]") for i, d in enumerate(density))
+        object.__setattr__(self, "density", densities)
+        if self.routers is not None and len(densities) != self.routers.shape.num_layers:
+            raise PolarOptionError(
+                f"per-layer density has {len(densities)} entries, the model has {self.routers.shape.num_layers} layers"
+            )
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> PolarConfig:
-        """Build from ``torch.compile``'s ``options``; unknown keys are rejected with the list of valid ones."""
+        """Build from ``torch.compile``'s ``options``; unknown keys are rejected with the list of valid ones.
+
+        Raises :class:`PolarOptionError` naming the option, the expected and the actual on a malformed option.
+        """
+        if options is not None and not isinstance(options, Mapping):
+            raise PolarOptionError(f"polar options must be a dict, got {describe(options)}")
         options = dict(options or {})
-        valid = ("routers", "density", "passes", "inductor", "min_saved_mib")
-        unknown = sorted(set(options) - set(valid))
+        unknown = sorted(set(options) - set(OPTIONS), key=str)
         if unknown:
-            raise ValueError(f"unknown polar option(s) {unknown}; valid options: {list(valid)}")
-        routers = options.get("routers")
-        if isinstance(routers, (str, Path)):
-            routers = RouterBank.load(routers)
-        passes = options.get("passes", AVAILABLE_PASSES)
-        if isinstance(passes, str):
-            passes = (passes,)
-        return cls(routers=routers, density=options.get("density"), passes=tuple(passes),
-                   inductor=bool(options.get("inductor", True)), min_saved_mib=options.get("min_saved_mib"))
+            raise PolarOptionError(f"unknown polar option(s) {unknown}; valid options: {list(OPTIONS)}")
+        return cls(routers=options.get("routers"), density=options.get("density"),
+                   passes=options.get("passes", AVAILABLE_PASSES), inductor=options.get("inductor", True),
+                   min_saved_mib=options.get("min_saved_mib"))
 
     def saved_bytes_threshold(self, device_type: str) -> float:
         """Bytes of K/V reads per step a sparse site must skip to be worth routing on ``device_type``."""
@@ -94,3 +130,11 @@ class PolarConfig:
         if self.routers is not None and layer in self.routers.densities:
             return self.routers.densities[layer]
         return self.DEFAULT_DENSITY
+
+
+def _density(value: Any, what: str) -> float:
+    """``check_density`` raising :class:`PolarOptionError`."""
+    try:
+        return check_density(value, what)
+    except ValueError as err:
+        raise PolarOptionError(str(err)) from None

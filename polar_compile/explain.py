@@ -17,23 +17,29 @@ __all__ = ["ExplainReport", "explain"]
 
 @dataclass
 class ExplainReport:
-    """Per Dynamo graph, the records of every pass; ``sites`` flattens them in graph order."""
+    """Per Dynamo graph, the records of every pass. ``sites``, ``rewritten`` and ``dense`` are those of the
+    attention pass (the sparse rewrite), in graph order; :meth:`sites_of` gives another pass's."""
 
     graphs: list[list[PassRecord]]
 
+    def sites_of(self, pass_name: str) -> list[SiteRecord]:
+        """Every site that pass ``pass_name`` matched, in every graph."""
+        return [site for graph in self.graphs for record in graph if record.name == pass_name
+                for site in record.sites]
+
     @property
     def sites(self) -> list[SiteRecord]:
-        """Every matched site of every graph and pass."""
-        return [site for graph in self.graphs for record in graph for site in record.sites]
+        """Every site the attention pass matched."""
+        return self.sites_of("attention")
 
     @property
     def rewritten(self) -> list[SiteRecord]:
-        """The sites that were rewritten."""
+        """The sites routed to sparse attention."""
         return [site for site in self.sites if site.rewritten]
 
     @property
     def dense(self) -> list[SiteRecord]:
-        """The sites kept dense (each with its reason)."""
+        """The sites kept dense by the attention pass (each with its reason)."""
         return [site for site in self.sites if not site.rewritten]
 
     def __str__(self) -> str:
@@ -46,8 +52,8 @@ class ExplainReport:
                 if record.note:
                     lines.append(f"{index:>5} {record.name:<9} {record.note}")
                 for s in record.sites:
-                    kept = f"{s.kept}/{s.units}" if s.rewritten else "-"
-                    result = "rewritten" if s.rewritten else f"dense: {s.reason}"
+                    kept = f"{s.kept}/{s.units}" if s.kept is not None else "-"
+                    result = ("rewritten" if s.rewritten else f"dense: {s.reason}") + f"  [{s.module}]"
                     lines.append(f"{index:>5} {s.pass_name:<9} {s.layer!s:>5} {s.kind:<7} {s.heads!s:>5} "
                                  f"{s.kv_heads!s:>3} {kept:>9}  {result}")
         return "\n".join(lines)
@@ -57,8 +63,8 @@ def explain(model: nn.Module, *example_args: Any, options: dict[str, Any] | None
             **example_kwargs: Any) -> ExplainReport:
     """Run ``model(*example_args, **example_kwargs)`` once under ``torch.compile`` and report every site found.
 
-    ``options`` are the backend's (routers, density, passes); without routers the ones given to
-    :func:`polar_compile.attach` are used. The rewritten graphs run eagerly (no Inductor), so the call is cheap,
+    ``options`` are the backend's (routers, density, passes); without routers the ones attached to the model
+    (:func:`polar_compile.attach`) are used. The rewritten graphs run eagerly (no Inductor), so the call is cheap,
     but it is a real forward: a ``StaticCache`` among the arguments advances by one step.
     """
     config = PolarConfig.from_options({**(options or {}), "inductor": False})

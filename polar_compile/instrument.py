@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .passes.match import AttentionSite, find_attention_sites
+from .passes.routing import strip_router_markers
 from .routers import ModelShape
 
 __all__ = ["InstrumentError", "InstrumentedModel", "SiteInfo", "instrument", "unit_norms"]
@@ -76,22 +77,22 @@ def instrument(model: nn.Module, hook: SiteHook) -> InstrumentedModel:
     seen: set[int] = set()
 
     def backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        strip_router_markers(gm)  # routers attached to the model play no part here
         sites = find_attention_sites(gm)
         for site in sites:
             _insert_hook(gm, site, _site_info(site, shape), hook, seen)
-        if sites:
-            gm.graph.lint()
-            gm.recompile()
+        gm.graph.lint()
+        gm.recompile()
         return gm.forward
 
     return InstrumentedModel(torch.compile(model, backend=backend), shape, seen)
 
 
 def _site_info(site: AttentionSite, shape: ModelShape) -> SiteInfo:
-    if site.router_input is None or site.num_heads is None:
+    if site.ownership_reason is not None:
         raise InstrumentError(
-            f"attention site {site.module or site.sdpa.name} (layer {site.layer}): no query projection or head "
-            f"count found ({site.dense_reason}), so it has no router input"
+            f"attention site {site.module or site.sdpa.name} (layer {site.layer}) has no router input: "
+            f"{site.ownership_reason}"
         )
     units = site.num_kv_heads or shape.num_kv_heads
     if units != shape.num_kv_heads:

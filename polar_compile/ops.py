@@ -8,7 +8,12 @@ in descending score, ties to the lower index.
     out[b, h] = softmax(scale * q[b, h] . K[b, g]^T + mask[b]) @ V[b, g]   if g = h // (H / Hkv) is in units[b]
     out[b, h] = 0                                                          otherwise
 
-On CUDA both run Triton kernels (``kernels/``, launched through ``wrap_triton``: ``triton_op`` lets Inductor and
+``polar::layer_router`` carries a decoder layer's attached router into the traced graph (see
+``backend.attach``): it returns a copy of its input, and the attention pass reads its weight, bias, layer index,
+``k`` and cost threshold, then removes it. Outside the polar backend it is that copy (one ``[B, 1, hidden]`` row per
+layer and decode step).
+
+On CUDA route and select_attention run Triton kernels (``kernels/``, launched through ``wrap_triton``: ``triton_op`` lets Inductor and
 AOTInductor trace into them; the polar backend keeps them opaque, see ``backend.compile_graph``); elsewhere they run
 their ``*_reference`` functions, plain PyTorch math.
 """
@@ -20,6 +25,7 @@ from torch import Tensor
 
 __all__ = [
     "SUPPORTED_DTYPES",
+    "layer_router",
     "check_route_args",
     "check_select_attention_args",
     "route",
@@ -155,3 +161,15 @@ def route(x: Tensor, weight: Tensor, bias: Tensor, k: int) -> Tensor:
 def _(x: Tensor, weight: Tensor, bias: Tensor, k: int) -> Tensor:
     check_route_args(x, weight, bias, k)
     return x.new_empty((*x.shape[:-1], k), dtype=torch.int64)
+
+
+@torch.library.custom_op("polar::layer_router", mutates_args=())
+def layer_router(hidden: Tensor, weight: Tensor, bias: Tensor, layer: int, k: int, min_saved_bytes: int) -> Tensor:
+    """A copy of ``hidden`` that marks, in a traced graph, decoder layer ``layer``'s router ``(weight, bias)``, its
+    ``k`` units kept per sequence and its ``min_saved_bytes`` (-1: the device's default)."""
+    return hidden.clone()
+
+
+@layer_router.register_fake
+def _(hidden: Tensor, weight: Tensor, bias: Tensor, layer: int, k: int, min_saved_bytes: int) -> Tensor:
+    return torch.empty_like(hidden)

@@ -38,7 +38,7 @@ def test_inductor_reduce_overhead_with_attached_routers_matches_eager_rewrite():
     model = tiny_model(TinySpec("llama", heads=4, kv_heads=2, head_dim=8, layers=2), seed=3)
     driver = DecodeDriver(model, batch=3, prompt_len=4, max_cache_len=8, pad=[0, 1, 2], seed=3)
     bank = random_routers(model, seed=3)
-    eager = decode(model, polar_compile.backend(bank, 0.5, inductor=False), driver)
+    eager = decode(model, polar_compile.make_backend(bank, 0.5, inductor=False), driver)
     torch._dynamo.reset()
     polar_compile.attach(model, bank, density=0.5)
     inductor, codes = run_and_get_code(decode, model, "polar", driver, mode="reduce-overhead")
@@ -56,7 +56,7 @@ def test_options_reach_the_backend():
     bank = random_routers(model)
     polar = decode(model, "polar", driver, options={"routers": bank, "density": 0.5, "inductor": False})
     torch._dynamo.reset()
-    factory = decode(model, polar_compile.backend(bank, 0.5, inductor=False), driver)
+    factory = decode(model, polar_compile.make_backend(bank, 0.5, inductor=False), driver)
     torch.testing.assert_close(polar, factory, atol=0, rtol=0)
     torch._dynamo.reset()
     with pytest.raises(Exception, match=r"unknown polar option\(s\) \['dens'\]"):
@@ -73,7 +73,7 @@ def test_dynamic_batch_is_rewritten_and_matches_the_hook_reference():
     """Under dynamic=True Dynamo traces the attention scale as a float in the graph; the rewrite must still apply."""
     model = tiny_model(TinySpec("llama", heads=4, kv_heads=2, head_dim=8, layers=3), seed=2)
     bank = random_routers(model, seed=2)
-    step = torch.compile(model.forward, backend=polar_compile.backend(bank, 0.5, inductor=False), dynamic=True,
+    step = torch.compile(model.forward, backend=polar_compile.make_backend(bank, 0.5, inductor=False), dynamic=True,
                          fullgraph=True)
     for batch in (2, 3, 5):
         driver = DecodeDriver(model, batch=batch, prompt_len=4, max_cache_len=10, seed=batch)

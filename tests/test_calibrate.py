@@ -150,7 +150,7 @@ def test_saved_bank_drives_the_backend_with_evals_per_token_losses(spec, tmp_pat
     evaluator = Evaluator(model, loaded, progress=False)
     expected = evaluator.token_nll(windows, evaluator.sparsity("routers", 0.5))
     dense = evaluator.token_nll(windows, evaluator.sparsity("dense", 1.0))
-    compiled = torch.compile(model, backend=polar_compile.backend(loaded, 0.5, inductor=False))
+    compiled = torch.compile(model, backend=polar_compile.make_backend(loaded, 0.5, inductor=False))
     decoded = decode_token_nll(compiled, model, windows)
     torch.testing.assert_close(decoded, expected, rtol=1e-4, atol=1e-4)
     assert (decoded - dense).abs().max() > 1e-2  # the routers really dropped units

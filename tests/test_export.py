@@ -35,7 +35,7 @@ def test_export_graph_rewrite_matches_dynamo_rewrite(family):
     assert torch.ops.aten.scaled_dot_product_attention.default in targets  # layer 0 stays dense
 
     cache = StaticCache(config=model.config, max_cache_len=CACHE_LEN)
-    step = torch.compile(model.forward, backend=polar_compile.backend(bank, 0.5, inductor=False), fullgraph=True)
+    step = torch.compile(model.forward, backend=polar_compile.make_backend(bank, 0.5, inductor=False), fullgraph=True)
     with torch.no_grad():
         for position in range(STEPS):
             expected = step(input_ids=tokens[position], past_key_values=cache, use_cache=True,

@@ -39,6 +39,16 @@ _FUNCTION_TARGETS: dict[str, tuple[Any, ...]] = {
     "getitem": (operator.getitem,),
     "slice": (aten.slice.Tensor,),
     "alias": (aten.alias.default, torch.Tensor.contiguous, aten.contiguous.default, aten.clone.default),
+    # in-place writes into a tensor (KV-cache updates); the written value is the last tensor argument
+    "write": (
+        torch.Tensor.index_copy_,
+        aten.index_copy_.default,
+        torch.Tensor.copy_,
+        aten.copy_.default,
+        torch.Tensor.index_put_,
+        aten.index_put_.default,
+        operator.setitem,
+    ),
 }
 _METHOD_NAMES: dict[str, str] = {
     "expand": "expand",
@@ -47,6 +57,10 @@ _METHOD_NAMES: dict[str, str] = {
     "unsqueeze": "unsqueeze",
     "contiguous": "alias",
     "softmax": "softmax",
+    "index_copy_": "write",
+    "copy_": "write",
+    "index_put_": "write",
+    "__setitem__": "write",
 }
 _TARGET_TO_NAME: dict[Any, str] = {t: name for name, ts in _FUNCTION_TARGETS.items() for t in ts}
 
@@ -105,23 +119,43 @@ def same_size(a: Any, b: Any) -> bool:
     return bool(statically_known_true(a == b))
 
 
-_LAYER_INDEX = re.compile(r"(?:^|[._\]'])(\d+)(?=$|[._\['])")
+_DYNAMO_ROOT = re.compile(r"^L\[[^\]]*\](?:\[\d+\])*\.?")  # "L['self']." or "L['args'][0]."
+_ITEM_INDEX = re.compile(r"(?:\.|\[)(\d+)\]?$")  # a path ending in ".3" or "[3]": an item of a module list
+
+
+def module_stack(node: fx.Node) -> list[str]:
+    """The dotted paths of the modules whose calls produced ``node``, outermost first ([] when not recorded).
+
+    Dynamo writes "L['self'].model.layers.0.self_attn", export writes "model.layers.0.self_attn"; both become the
+    latter.
+    """
+    stack = node.meta.get("nn_module_stack") or {}
+    return [_DYNAMO_ROOT.sub("", str(path)) for path, _ in stack.values()]
 
 
 def module_path(node: fx.Node) -> str:
     """The dotted path of the innermost module that produced ``node`` ('' when the graph does not record it)."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    # Dynamo writes "L['self'].model.layers.0.self_attn"; export writes "model.layers.0.self_attn".
-    return re.sub(r"^L\['[^']*'\]\.?", "", str(path))
+    stack = module_stack(node)
+    return stack[-1] if stack else ""
 
 
-def layer_index(node: fx.Node) -> int | None:
-    """The decoder-layer index in ``node``'s module path (the first integer component), or None."""
-    match = _LAYER_INDEX.search(module_path(node))
-    return int(match.group(1)) if match else None
+def is_within(node: fx.Node, owner: str) -> bool:
+    """True when ``node`` was produced inside module ``owner`` (by it or by one of its submodules)."""
+    path = module_path(node)
+    return bool(owner) and (path == owner or path.startswith(owner + "."))
+
+
+def layer_of(node: fx.Node) -> tuple[str, int] | None:
+    """The innermost module around ``node`` that is an item of a module list (a decoder layer), as (path, index).
+
+    ``members.0.model.layers.3.self_attn`` -> ("members.0.model.layers.3", 3): the index that follows the layer
+    list closest to the node, never the first integer of the path.
+    """
+    for path in reversed(module_stack(node)):
+        match = _ITEM_INDEX.search(path)
+        if match:
+            return path, int(match.group(1))
+    return None
 
 
 def is_full_slice(index: Any) -> bool:
@@ -139,3 +173,14 @@ def unsqueeze_dim_of_getitem(index: Sequence[Any]) -> int | None:
     if any(item is Ellipsis for item in index[: nones[0]]):
         return None
     return nones[0]
+
+
+_VIEW_OPS = ("reshape", "expand", "unsqueeze", "getitem", "slice", "alias")
+
+
+def erase_dead_views(graph: fx.Graph, node: object) -> None:
+    """Erase ``node`` and the view ops above it that nothing uses any more (a dead ``repeat_kv``)."""
+    while isinstance(node, fx.Node) and not node.users and op_name(node) in _VIEW_OPS:
+        parent = node.args[0]
+        graph.erase_node(node)
+        node = parent

@@ -1,13 +1,18 @@
 """The one matcher: self-attention sites of a decode-step graph, with the parts a rewrite needs.
 
-A site is a ``scaled_dot_product_attention`` call. From it the matcher recovers, by walking the graph and never
-by module class names:
-- the query projection: the nearest ``linear`` (or Conv1D's ``addmm``, or Falcon's ``x @ weight.T``) above the
-  SDPA query (through RoPE, q-norms, pre-scaling, fused QKV splits); its input is the router input (the layer's
-  post-norm hidden state);
+A site is a ``scaled_dot_product_attention`` call, owned by the module that makes it (the innermost entry of its
+``nn_module_stack``, e.g. ``model.layers.3.self_attn``). From it the matcher recovers, by walking the graph inside
+that module only and never by module class names:
+- the query projection: the nearest ``linear`` (or Conv1D's ``addmm``, or Falcon's ``x @ weight.T``) of the owner
+  above the SDPA query (through RoPE, q-norms, pre-scaling, fused QKV splits); its input is the router input (the
+  layer's post-norm hidden state);
 - the KV cache tensors as they sit in memory: the SDPA key/value themselves (MHA, ``enable_gqa=True``) or the
-  tensors under HF's ``repeat_kv`` (``x[:, :, None].expand(B, Hkv, R, L, D).reshape(B, H, L, D)``);
-- the mask, the scale and the decoder-layer index (from ``nn_module_stack``).
+  tensors under HF's ``repeat_kv`` (``x[:, :, None].expand(B, Hkv, R, L, D).reshape(B, H, L, D)``). They must be
+  the owner's own self-attention K/V: computed, or written into the cache in this graph, from a projection of the
+  owner whose input is the router input. Cross-attention (K/V of the encoder's states, or a cache this graph does
+  not write) stays dense;
+- the mask, the scale, and the decoder layer: the innermost module around the call that is an item of a module
+  list (``members.0.model.layers.3`` -> layer 3); a site outside any layer list stays dense, never renumbered.
 Each site carries ``dense_reason``: None when it can be rewritten, else why it must stay dense. Calibration,
 ``explain``, export and the rewrite all read sites from :func:`find_attention_sites`.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +33,8 @@ from .graph import (
     bound_args,
     fake_value,
     is_full_slice,
-    layer_index,
+    is_within,
+    layer_of,
     module_path,
     op_name,
     same_size,
@@ -42,13 +49,14 @@ __all__ = ["AttentionSite", "find_attention_sites"]
 _QUERY_PROJECTION_SEARCH_LIMIT = 64
 
 
-@dataclass
+@dataclass(eq=False)  # identity: sites key per-site tables
 class AttentionSite:
     """One SDPA call and its parts. Node fields are None where the matcher could not find them."""
 
     sdpa: fx.Node
-    layer: int | None
-    module: str
+    layer: int | None  # index in the decoder's layer list
+    layer_module: str | None  # path of that decoder layer, e.g. "model.layers.3"
+    module: str  # path of the module that calls SDPA (the owner)
     query: fx.Node
     key_cache: fx.Node | None  # [B, Hkv, L, D], before repeat_kv
     value_cache: fx.Node | None
@@ -60,16 +68,13 @@ class AttentionSite:
     head_dim: int | None
     query_len: int | None
     hidden_size: int | None
-    dense_reason: str | None = None
+    dense_reason: str | None = None  # why the decode rewrite does not apply (None: it does)
+    ownership_reason: str | None = None  # why this is not a decoder layer's self-attention (None: it is)
 
     @property
     def router_input(self) -> fx.Node | None:
         """The activation entering the query projection: ``[B, T, hidden]`` (or ``[B*T, hidden]``)."""
-        if self.query_projection is None:
-            return None
-        projection = self.query_projection
-        arg = bound_args(projection, op_name(projection)).get("input")
-        return arg if isinstance(arg, fx.Node) else None
+        return None if self.query_projection is None else _input_of(self.query_projection)
 
     @property
     def is_decode(self) -> bool:
@@ -78,22 +83,18 @@ class AttentionSite:
 
 def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
     """Every SDPA call of ``gm`` in graph order, with its parts and, where it can't be rewritten, the reason."""
-    sdpa_nodes = [n for n in gm.graph.nodes if op_name(n) == "sdpa"]
-    sites = [_match_site(node) for node in sdpa_nodes]
-    if any(site.layer is None for site in sites):
-        # No nn_module_stack: number the sites in graph order (right for a whole-model graph).
-        for order, site in enumerate(sites):
-            site.layer = order
-    return sites
+    return [_match_site(node) for node in gm.graph.nodes if op_name(node) == "sdpa"]
 
 
 def _match_site(sdpa: fx.Node) -> AttentionSite:
     args = {**SDPA_DEFAULTS, **bound_args(sdpa, "sdpa")}
     query, key, value = args["query"], args["key"], args["value"]
     q_shape, k_shape, v_shape = shape_of(query), shape_of(key), shape_of(value)
+    layer = layer_of(sdpa)
     site = AttentionSite(
         sdpa=sdpa,
-        layer=layer_index(sdpa),
+        layer=layer[1] if layer else None,
+        layer_module=layer[0] if layer else None,
         module=module_path(sdpa),
         query=query,
         key_cache=None,
@@ -108,13 +109,13 @@ def _match_site(sdpa: fx.Node) -> AttentionSite:
         hidden_size=None,
     )
     if q_shape is None or k_shape is None or v_shape is None or len(q_shape) != 4 or len(k_shape) != 4:
-        site.dense_reason = "query/key shapes unknown or not 4-D [B, H, T, D]"
+        site.dense_reason = site.ownership_reason = "query/key shapes unknown or not 4-D [B, H, T, D]"
         return site
     site.num_heads, site.query_len, site.head_dim = (static_int(s) for s in q_shape[1:])
     if site.num_heads is None or site.head_dim is None:
-        site.dense_reason = f"heads or head_dim are dynamic ({q_shape})"
+        site.dense_reason = site.ownership_reason = f"heads or head_dim are dynamic ({q_shape})"
         return site
-    site.query_projection = _find_query_projection(query)
+    site.query_projection = _projection_above(query, site.module)
     router_in = shape_of(site.router_input)
     site.hidden_size = static_int(router_in[-1]) if router_in else None
     site.key_cache = _unrepeated_cache(key, site.num_heads)
@@ -129,12 +130,34 @@ def _match_site(sdpa: fx.Node) -> AttentionSite:
     elif isinstance(scale, fx.Node) and isinstance(scale.meta.get("example_value", scale.meta.get("val")),
                                                    (float, torch.SymFloat)):
         site.scale = scale
-    site.dense_reason = _why_dense(site, args, v_shape)
+    site.ownership_reason = _why_not_owned(site)
+    site.dense_reason = site.ownership_reason or _why_not_decode(site, args, v_shape)
     return site
 
 
-def _why_dense(site: AttentionSite, args: dict, v_shape: tuple) -> str | None:
-    """The reason a matched site can't take the selective rewrite, or None."""
+def _why_not_owned(site: AttentionSite) -> str | None:
+    """Why the site is not a decoder layer's self-attention with a known router input, or None."""
+    if not site.module:
+        return "the graph records no module for this SDPA call (no nn_module_stack), so nothing owns it"
+    if site.layer is None:
+        return (f"{site.module} is not inside an item of a module list (a decoder layer), so it has no layer index "
+                "for a router")
+    if site.query_projection is None:
+        return (f"no linear/addmm/matmul-by-weight query projection inside {site.module} above the SDPA query "
+                "(router input unknown)")
+    if site.hidden_size is None:
+        return "router input width is unknown or dynamic"
+    if site.key_cache is None or site.value_cache is None:
+        return "key/value are neither the KV cache nor HF's repeat_kv of it"
+    for name, cache in (("key", site.key_cache), ("value", site.value_cache)):
+        if not _is_own_kv(cache, site):
+            return (f"{name} is not {site.module}'s own self-attention K/V (not computed or written in this graph "
+                    "from its projection of the router input): cross-attention or an outside cache")
+    return None
+
+
+def _why_not_decode(site: AttentionSite, args: dict, v_shape: tuple) -> str | None:
+    """Why an owned site can't take the selective decode rewrite, or None."""
     if site.query_len is None:
         return "query length is dynamic"
     if site.query_len != 1:
@@ -145,12 +168,6 @@ def _why_dense(site: AttentionSite, args: dict, v_shape: tuple) -> str | None:
         return f"dropout_p={args['dropout_p']} (attention dropout is not supported)"
     if site.scale is None:
         return f"scale is neither a number nor a float in the graph ({args['scale']!r})"
-    if site.query_projection is None:
-        return "no linear/addmm/matmul-by-weight query projection above the SDPA query (router input unknown)"
-    if site.hidden_size is None:
-        return "router input width is unknown or dynamic"
-    if site.key_cache is None or site.value_cache is None:
-        return "key/value are neither the KV cache nor HF's repeat_kv of it"
     if shape_of(site.key_cache) != shape_of(site.value_cache) or static_int(v_shape[-1]) != site.head_dim:
         return f"value shape {v_shape} differs from key's (head_dim {site.head_dim})"
     if site.num_kv_heads is None or site.num_heads % site.num_kv_heads != 0:
@@ -170,20 +187,55 @@ def _why_dense(site: AttentionSite, args: dict, v_shape: tuple) -> str | None:
     return None
 
 
-def _find_query_projection(query: fx.Node) -> fx.Node | None:
-    """Breadth-first up from the SDPA query to the nearest projection (:func:`_is_projection`), not searching past
-    any projection."""
-    seen = {query}
-    frontier = deque([query])
+def _projection_above(start: fx.Node, owner: str) -> fx.Node | None:
+    """Breadth-first up from ``start`` through nodes of module ``owner`` to the nearest projection
+    (:func:`_is_projection`), not searching past any projection nor leaving the module."""
+    return _search_up(start, lambda node: is_within(node, owner), _is_projection)
+
+
+def _search_up(start: fx.Node, inside: Callable[[fx.Node], bool], wanted: Callable[[fx.Node], bool]
+               ) -> fx.Node | None:
+    """The nearest ancestor of ``start`` (itself included) that is ``wanted``, walking only ``inside`` nodes."""
+    if not inside(start):
+        return None
+    seen, frontier = {start}, deque([start])
     while frontier and len(seen) < _QUERY_PROJECTION_SEARCH_LIMIT:
         node = frontier.popleft()
-        if _is_projection(node):
+        if wanted(node):
             return node
         for parent in node.all_input_nodes:
-            if parent not in seen and parent.op in ("call_function", "call_method"):
+            if parent not in seen and parent.op in ("call_function", "call_method") and inside(parent):
                 seen.add(parent)
                 frontier.append(parent)
     return None
+
+
+def _is_own_kv(cache: fx.Node, site: AttentionSite) -> bool:
+    """True when ``cache`` (K or V as SDPA reads it, before ``repeat_kv``) is computed by the owner from a projection
+    of the router input, or is a tensor the owner writes such a value into in this graph (a static KV cache)."""
+    written = [user.args[-1] for user in cache.users if op_name(user) == "write" and user.args[0] is cache
+               and is_within(user, site.module)]
+    for value in (cache, *written):
+        projection = _projection_above(value, site.module) if isinstance(value, fx.Node) else None
+        if projection is not None and _same_tensor(_input_of(projection), site.router_input):
+            return True
+    return False
+
+
+def _input_of(projection: fx.Node) -> fx.Node | None:
+    arg = bound_args(projection, op_name(projection)).get("input")
+    return arg if isinstance(arg, fx.Node) else None
+
+
+def _same_tensor(a: fx.Node | None, b: fx.Node | None) -> bool:
+    """True when ``a`` and ``b`` are the same node up to reshapes (Conv1D flattens its input per projection)."""
+    return a is not None and b is not None and _unreshaped(a) is _unreshaped(b)
+
+
+def _unreshaped(node: fx.Node) -> fx.Node:
+    while op_name(node) == "reshape" and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
 
 
 def _is_projection(node: fx.Node) -> bool:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .match import AttentionSite
 
 __all__ = ["PassRecord", "SiteRecord"]
 
@@ -21,6 +25,14 @@ class SiteRecord:
     kept: int | None  # units kept per sequence when rewritten
     rewritten: bool
     reason: str  # why it stayed dense ("" when rewritten)
+
+    @classmethod
+    def of(cls, pass_name: str, site: AttentionSite, kept: int | None, reason: str | None) -> SiteRecord:
+        """The record of ``site``: rewritten when ``reason`` is None (keeping ``kept`` units), else dense."""
+        return cls(pass_name=pass_name, layer=site.layer, module=site.module,
+                   kind="decode" if site.is_decode else "prefill", heads=site.num_heads,
+                   kv_heads=site.num_kv_heads, units=site.num_kv_heads, kept=kept, rewritten=reason is None,
+                   reason=reason or "")
 
 
 @dataclass

@@ -1,0 +1,122 @@
+"""Routers as model state: :func:`attach` puts each layer's router on the model, where compiled graphs read it.
+
+Each decoder layer with a router gets, on the layer module itself:
+- buffers ``polar_router_weight [units, hidden]`` and ``polar_router_bias [units]`` (non-persistent: never in a
+  ``state_dict`` or a saved checkpoint), in the layer's dtype and device, moving with the model;
+- attributes ``polar_router_layer``, ``polar_router_k`` (units kept per sequence) and ``polar_min_saved_bytes``
+  (-1: the device's default);
+- a forward pre-hook that, at a decode step (one query token), passes the layer's input through
+  ``polar::layer_router`` with all of the above.
+
+Dynamo traces the hook like the rest of the forward: the buffers become inputs of *this* model's graph (another
+model's are other inputs), the ints become guarded constants (a new density recompiles), and a model whose layers
+have no hook (never attached, or detached) fails the hook guards and compiles again, dense. The polar backend reads
+the markers; any other backend runs them as a copy of one row per layer and step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import ops  # noqa: F401  (registers polar::layer_router)
+from .config import PolarConfig
+from .routers import ModelShape, RouterBank, RouterBankError, kept_units
+
+__all__ = ["attach", "decoder_layers", "detach"]
+
+WEIGHT, BIAS = "polar_router_weight", "polar_router_bias"
+LAYER, K, MIN_SAVED = "polar_router_layer", "polar_router_k", "polar_min_saved_bytes"
+_HANDLE = "_polar_router_hook"
+
+
+def attach(model: nn.Module, routers: RouterBank | str | Path | None, *,
+           density: float | Sequence[float] | None = None, min_saved_mib: float | None = None) -> nn.Module:
+    """Put ``routers`` on ``model`` so that ``backend="polar"`` routes it, with or without ``options``.
+
+    ``density`` and ``min_saved_mib`` are as in :class:`~polar_compile.PolarConfig` (``density=None``: each layer's
+    density from the bank). Checks the bank against the model and raises :class:`RouterBankError` naming the first
+    mismatch. Attaching again replaces the routers (in place where shapes agree, so captured CUDA graphs stay
+    valid); ``routers=None`` removes them. Compiled graphs see every change: they recompile or read the new values.
+    Returns ``model``.
+    """
+    if routers is None:
+        detach(model)
+        return model
+    bank = routers if isinstance(routers, RouterBank) else RouterBank.load(routers)
+    bank.check_model(model)
+    config = PolarConfig(routers=bank, density=density, min_saved_mib=min_saved_mib)
+    min_saved_bytes = -1 if min_saved_mib is None else round(min_saved_mib * 2**20)
+    for index, layer in enumerate(decoder_layers(model, bank.shape)):
+        if index not in bank.weights:
+            _remove(layer)
+            continue
+        like = next((p for p in layer.parameters() if p.is_floating_point()), bank.weights[index])
+        _set_buffer(layer, WEIGHT, bank.weights[index].to(device=like.device, dtype=like.dtype))
+        _set_buffer(layer, BIAS, bank.biases[index].to(device=like.device, dtype=like.dtype))
+        setattr(layer, LAYER, index)
+        setattr(layer, K, kept_units(config.layer_density(index), bank.shape.num_kv_heads))
+        setattr(layer, MIN_SAVED, min_saved_bytes)
+        if not hasattr(layer, _HANDLE):
+            setattr(layer, _HANDLE, layer.register_forward_pre_hook(_mark_router, with_kwargs=True))
+    return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Remove what :func:`attach` put on ``model``; returns ``model``."""
+    for module in model.modules():
+        _remove(module)
+    return model
+
+
+def decoder_layers(model: nn.Module, shape: ModelShape | None = None) -> nn.ModuleList:
+    """The decoder's layer list of an HF model: the ``ModuleList`` of ``shape.num_layers`` items under
+    ``model.get_decoder()`` (the decoder of encoder-decoder and multimodal models) holding the most weights."""
+    shape = shape or ModelShape.of(model)
+    root = model.get_decoder() if hasattr(model, "get_decoder") else model
+    lists = [module for module in root.modules()
+             if isinstance(module, nn.ModuleList) and len(module) == shape.num_layers]
+    if not lists:
+        raise RouterBankError(
+            f"{type(model).__name__}: found no module list of {shape.num_layers} layers (the config's layer count) "
+            f"under its decoder {type(root).__name__}, so routers cannot be attached"
+        )
+    return max(lists, key=lambda layers: sum(p.numel() for p in layers.parameters()))
+
+
+def _mark_router(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Forward pre-hook: at a decode step, the layer's input goes through ``polar::layer_router``."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, Tensor) or hidden.dim() != 3 or hidden.shape[1] != 1:
+        return None  # prefill (or an input layout this hook does not know): nothing to route
+    marked = torch.ops.polar.layer_router.default(hidden, getattr(layer, WEIGHT), getattr(layer, BIAS),
+                                          getattr(layer, LAYER), getattr(layer, K), getattr(layer, MIN_SAVED))
+    if args:
+        return (marked, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": marked}
+
+
+def _set_buffer(module: nn.Module, name: str, value: Tensor) -> None:
+    """Copy into the existing buffer when it has ``value``'s shape, dtype and device, else register anew."""
+    current = module._buffers.get(name)
+    if current is not None and (current.shape, current.dtype, current.device) == (value.shape, value.dtype,
+                                                                                   value.device):
+        with torch.no_grad():
+            current.copy_(value)
+    else:
+        module.register_buffer(name, value.detach().clone().contiguous(), persistent=False)
+
+
+def _remove(module: nn.Module) -> None:
+    handle = module.__dict__.pop(_HANDLE, None)
+    if handle is None:
+        return
+    handle.remove()
+    for name in (WEIGHT, BIAS):
+        module._buffers.pop(name, None)
+    for name in (LAYER, K, MIN_SAVED):
+        module.__dict__.pop(name, None)
