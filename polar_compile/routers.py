@@ -7,29 +7,43 @@ hidden state; a unit is a query head (MHA) or a KV group (GQA). Layers without a
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .bank_format import (
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    MODEL_FIELDS,
+    WEIGHTS_FILE,
+    RouterBankError,
+    check_model_fields,
+    describe,
+    finite_problem,
+    is_density,
+    is_int,
+    is_number,
+    read_config,
+    read_tensors,
+    unit_kind,
+)
+
 __all__ = ["FORMAT_VERSION", "ModelShape", "RouterBank", "RouterBankError"]
-
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "routers.safetensors"
-CONFIG_FILE = "polar_config.json"
-
-
-class RouterBankError(ValueError):
-    """A router bank that is malformed or does not fit the model it is used with."""
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The model fields a router bank depends on, read from a Hugging Face config."""
+    """The model fields a router bank depends on, read from a Hugging Face config (the decoder's, for
+    encoder-decoder models: the routers serve the decoder's self-attention).
+
+    Raises :class:`RouterBankError` unless ``model_type`` is a non-empty str and the counts are positive ints with
+    ``num_heads`` a multiple of ``num_kv_heads``.
+    """
 
     model_type: str
     num_layers: int
@@ -37,27 +51,66 @@ class ModelShape:
     num_heads: int
     num_kv_heads: int
 
+    def __post_init__(self) -> None:
+        check_model_fields(self.__dict__, prefix="ModelShape.")
+
     @property
     def unit_kind(self) -> str:
         """'head' for multi-head attention, 'kv_group' when query heads share KV heads."""
-        return "head" if self.num_kv_heads == self.num_heads else "kv_group"
+        return unit_kind(self.num_heads, self.num_kv_heads)
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelShape:
-        """The shape of an HF model (its text config for multimodal models)."""
+        """The shape of an HF model: its text config for multimodal models, its decoder's for encoder-decoders.
+
+        Raises :class:`RouterBankError` when the config lacks a field, e.g. attention heads (state-space models).
+        """
         config = getattr(model, "config", None)
         if config is None:
             raise RouterBankError(f"{type(model).__name__} has no `.config`; expected a Hugging Face model")
-        if hasattr(config, "get_text_config"):
-            config = config.get_text_config()
-        heads = config.num_attention_heads
-        return cls(
-            model_type=str(getattr(config, "model_type", "unknown")),
-            num_layers=int(config.num_hidden_layers),
-            hidden_size=int(config.hidden_size),
-            num_heads=int(heads),
-            num_kv_heads=int(_cached_kv_heads(config, heads)),
+        section = _decoder_config(config, model)
+        model_type = str(getattr(section, "model_type", None) or getattr(config, "model_type", None) or "unknown")
+        owner = f"{type(model).__name__} (model_type {model_type!r}, config {type(section).__name__})"
+        flat_encoder_decoder = bool(getattr(section, "is_encoder_decoder", False))
+        # T5's family and ProphetNet keep the decoder's depth (and ProphetNet its heads) under names that
+        # get_text_config(decoder=True) does not map; BART, Marian, Whisper, ... it maps
+        layer_names = ("num_decoder_layers", "num_hidden_layers") if flat_encoder_decoder else ("num_hidden_layers",)
+        head_names = (
+            ("num_decoder_attention_heads", "num_attention_heads") if flat_encoder_decoder else ("num_attention_heads",)
         )
+        heads = _config_field(section, head_names, owner, "attention heads", " (a model without self-attention, "
+                              "e.g. a state-space model such as Mamba, has no heads to route)")
+        fields = dict(
+            model_type=model_type,
+            num_layers=_config_field(section, layer_names, owner, "layer count"),
+            hidden_size=_config_field(section, ("hidden_size",), owner, "hidden size"),
+            num_heads=heads,
+            num_kv_heads=_cached_kv_heads(section, heads),
+        )
+        check_model_fields(fields, f"{owner}: ")
+        return cls(**fields)
+
+
+def _decoder_config(config: Any, model: nn.Module) -> Any:
+    """The config section of the text decoder (``config`` itself for plain decoder-only models)."""
+    if not hasattr(config, "get_text_config"):
+        return config
+    try:
+        return config.get_text_config(decoder=True)
+    except ValueError as err:  # several candidate text configs
+        raise RouterBankError(f"{type(model).__name__}: cannot tell which config is the text decoder's ({err})") from err
+
+
+def _config_field(config: Any, names: tuple[str, ...], owner: str, what: str, why: str = "") -> Any:
+    """The first of ``names`` that ``config`` sets (not ``None``); :class:`RouterBankError` naming them if none."""
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            if not is_int(value) or value < 1:
+                raise RouterBankError(f"{owner}: config.{name} must be a positive int, got {describe(value)}")
+            return int(value)
+    looked = " or ".join(repr(name) for name in names)
+    raise RouterBankError(f"{owner} has no {what} in its config: looked for {looked}{why}")
 
 
 def _cached_kv_heads(config: Any, heads: int) -> int:
@@ -69,12 +122,14 @@ def _cached_kv_heads(config: Any, heads: int) -> int:
     return getattr(config, "num_key_value_heads", None) or heads
 
 
-@dataclass
+@dataclass(eq=False)
 class RouterBank:
     """Per-layer attention routers plus the metadata that ties them to one model.
 
-    ``weights[i]`` is ``[units, hidden]`` and ``biases[i]`` is ``[units]`` for each routed layer ``i``;
-    ``densities[i]`` is the fraction of units kept in layer ``i`` when the compile options give none.
+    ``weights[i]`` is ``[units, hidden]`` and ``biases[i]`` is ``[units]`` for each routed layer ``i``, floating
+    point and finite; ``densities[i]`` is the fraction of units kept in layer ``i`` when the compile options give
+    none. Banks compare by identity (Dynamo compares compile options; tensors have no single truth value).
+    Construction raises :class:`RouterBankError` naming the first malformed entry.
     """
 
     shape: ModelShape
@@ -84,11 +139,15 @@ class RouterBank:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        units, hidden = self.shape.num_kv_heads, self.shape.hidden_size
+        if not isinstance(self.shape, ModelShape):
+            raise RouterBankError(f"RouterBank.shape must be a ModelShape, got {describe(self.shape)}")
+        for name, kind in (("weights", "weight"), ("biases", "bias")):
+            _check_tensors(getattr(self, name), name, kind)
         if set(self.weights) != set(self.biases):
             raise RouterBankError(
                 f"router weights cover layers {sorted(self.weights)} but biases cover {sorted(self.biases)}"
             )
+        units, hidden = self.shape.num_kv_heads, self.shape.hidden_size
         for layer in sorted(self.weights):
             if not 0 <= layer < self.shape.num_layers:
                 raise RouterBankError(f"router for layer {layer}, but the model has {self.shape.num_layers} layers")
@@ -102,8 +161,32 @@ class RouterBank:
                 raise RouterBankError(
                     f"layer {layer}: attention router bias has shape {list(bias.shape)}, expected [{units}]"
                 )
+            for kind, tensor in (("weight", weight), ("bias", bias)):
+                problem = finite_problem(tensor)
+                if problem:
+                    raise RouterBankError(
+                        f"layer {layer}: attention router {kind} has {problem}; router weights must be finite"
+                    )
+        self.densities = self._checked_densities()
+        if not isinstance(self.provenance, Mapping):
+            raise RouterBankError(f"RouterBank.provenance must be a dict, got {describe(self.provenance)}")
+
+    def _checked_densities(self) -> dict[int, float]:
+        if not isinstance(self.densities, Mapping):
+            raise RouterBankError(
+                f"RouterBank.densities must be a dict of layer index -> density, got {describe(self.densities)}"
+            )
+        checked = {}
         for layer, density in self.densities.items():
-            check_density(density, f"layer {layer} density")
+            if not is_int(layer) or not 0 <= layer < self.shape.num_layers:
+                raise RouterBankError(
+                    f"RouterBank.densities key {layer!r} must be a layer index of the model (an int in "
+                    f"0..{self.shape.num_layers - 1}), got {describe(layer)}"
+                )
+            if not is_density(density):
+                raise RouterBankError(f"layer {layer} density must be a number in (0, 1], got {describe(density)}")
+            checked[int(layer)] = float(density)
+        return checked
 
     @property
     def layers(self) -> list[int]:
@@ -116,7 +199,7 @@ class RouterBank:
 
     def check_shape(self, shape: ModelShape) -> None:
         """Raise :class:`RouterBankError` naming the first field where ``shape`` differs from the bank's."""
-        for name in ("model_type", "num_layers", "hidden_size", "num_heads", "num_kv_heads"):
+        for name in MODEL_FIELDS:
             ours, theirs = getattr(self.shape, name), getattr(shape, name)
             if ours != theirs:
                 raise RouterBankError(
@@ -134,7 +217,7 @@ class RouterBank:
         save_file(tensors, str(directory / WEIGHTS_FILE))
         config = {
             "format_version": FORMAT_VERSION,
-            "model": self.shape.__dict__,
+            "model": dict(self.shape.__dict__),
             "unit_kind": self.shape.unit_kind,
             "densities": {str(k): v for k, v in sorted(self.densities.items())},
             "provenance": self.provenance,
@@ -144,45 +227,45 @@ class RouterBank:
 
     @classmethod
     def load(cls, directory: str | Path) -> RouterBank:
-        """Read a bank written by :meth:`save`; raises :class:`RouterBankError` on missing or corrupt files."""
+        """Read a bank written by :meth:`save`.
+
+        Raises :class:`RouterBankError` naming the file, the field, the expected and the actual on a missing,
+        corrupt or malformed file, e.g. ``polar_config.json: model.num_layers must be a positive int, got str '4'``.
+        """
         directory = Path(directory)
+        where = f"router bank {directory}"
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         for path in (config_path, weights_path):
             if not path.is_file():
-                raise RouterBankError(f"router bank {directory}: missing {path.name}")
+                raise RouterBankError(f"{where}: missing {path.name}")
+        config = read_config(config_path, where)
+        shape = ModelShape(**config.model)
+        weights, biases = read_tensors(weights_path, where)
         try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as err:
-            raise RouterBankError(f"router bank {directory}: {CONFIG_FILE} is not valid JSON ({err})") from err
-        version = config.get("format_version") if isinstance(config, dict) else None
-        if version != FORMAT_VERSION:
-            raise RouterBankError(
-                f"router bank {directory}: format_version {version!r}, expected {FORMAT_VERSION}"
-            )
-        try:
-            shape = ModelShape(**config["model"])
-        except (KeyError, TypeError) as err:
-            raise RouterBankError(f"router bank {directory}: {CONFIG_FILE} has no valid 'model' section ({err})") from err
-        try:
-            tensors = load_file(str(weights_path))
-        except (SafetensorError, OSError) as err:
-            raise RouterBankError(
-                f"router bank {directory}: {WEIGHTS_FILE} is truncated or corrupt ({err})"
-            ) from err
-        weights, biases = {}, {}
-        for name, tensor in tensors.items():
-            parts = name.split(".")
-            if len(parts) != 4 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] != "attn":
-                raise RouterBankError(f"router bank {directory}: unexpected tensor {name!r} in {WEIGHTS_FILE}")
-            (weights if parts[3] == "weight" else biases)[int(parts[1])] = tensor
-        densities = {int(k): float(v) for k, v in config.get("densities", {}).items()}
-        return cls(shape, weights, biases, densities, config.get("provenance", {}))
+            cls(shape, weights, biases)  # the tensors alone, so that what fails here is about the tensor file
+        except RouterBankError as err:
+            raise RouterBankError(f"{where}: {WEIGHTS_FILE}: {err}") from None
+        return cls(shape, weights, biases, config.densities, config.provenance)
+
+
+def _check_tensors(tensors: Any, name: str, kind: str) -> None:
+    """Raise :class:`RouterBankError` unless ``tensors`` maps int layer indices to floating-point tensors."""
+    if not isinstance(tensors, Mapping):
+        raise RouterBankError(f"RouterBank.{name} must be a dict of layer index -> Tensor, got {describe(tensors)}")
+    for layer, tensor in tensors.items():
+        if not is_int(layer):
+            raise RouterBankError(f"RouterBank.{name} keys must be int layer indices, got {describe(layer)}")
+        if not isinstance(tensor, Tensor):
+            raise RouterBankError(f"layer {layer}: attention router {kind} must be a torch.Tensor, got {describe(tensor)}")
+        if not tensor.is_floating_point():
+            raise RouterBankError(f"layer {layer}: attention router {kind} must have a floating dtype, got {tensor.dtype}")
 
 
 def check_density(density: Any, what: str = "density") -> float:
-    """``density`` as a float, or ``ValueError`` unless it lies in (0, 1]."""
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
-        raise ValueError(f"{what} must be a number in (0, 1], got {density!r}")
+    """``density`` as a float, or ``ValueError`` naming ``what`` unless it is a number (not a bool) in (0, 1]."""
+    if not is_density(density):
+        shown = repr(density) if is_number(density) else describe(density)
+        raise ValueError(f"{what} must be a number in (0, 1], got {shown}")
     return float(density)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .routers import ModelShape, RouterBank
+from .bank_format import describe, is_int
+from .routers import ModelShape, RouterBank, RouterBankError
 
 __all__ = ["random_routers"]
 
@@ -14,9 +15,15 @@ def random_routers(model: nn.Module, seed: int = 0, *, first_layer: int = 1) -> 
     """A bank of random routers for layers ``first_layer..`` of ``model`` (layer 0 stays dense by default).
 
     The scores depend strongly on the input, so different sequences pick different units; useful for speed and
-    plumbing, meaningless for accuracy.
+    plumbing, meaningless for accuracy. Raises :class:`RouterBankError` for a model without attention heads in
+    its config (as :meth:`ModelShape.of`) and for a ``first_layer`` that is not a layer index of the model.
     """
     shape = ModelShape.of(model)
+    if not is_int(first_layer) or not 0 <= first_layer <= shape.num_layers:
+        raise RouterBankError(
+            f"first_layer must be an int in 0..{shape.num_layers} (the model has {shape.num_layers} layers), "
+            f"got {describe(first_layer)}"
+        )
     generator = torch.Generator().manual_seed(seed)
     units, hidden = shape.num_kv_heads, shape.hidden_size
     weights, biases = {}, {}
