@@ -5,13 +5,16 @@ Each decoder layer with a router gets, on the layer module itself:
   ``state_dict`` or a saved checkpoint), in the layer's dtype and device, moving with the model;
 - attributes ``polar_router_layer``, ``polar_router_k`` (units kept per sequence) and ``polar_min_saved_bytes``
   (-1: the device's default);
-- a forward pre-hook that, at a decode step (one query token), passes the layer's input through
-  ``polar::layer_router`` with all of the above.
+- a new class: a subclass of the layer's own, made once per class, whose ``forward`` first passes the layer's input
+  through ``polar::layer_router`` with all of the above at a decode step (one query token), then runs the original.
 
-Dynamo traces the hook like the rest of the forward: the buffers become inputs of *this* model's graph (another
-model's are other inputs), the ints become guarded constants (a new density recompiles), and a model whose layers
-have no hook (never attached, or detached) fails the hook guards and compiles again, dense. The polar backend reads
-the markers; any other backend runs them as a copy of one row per layer and step.
+Dynamo traces that ``forward`` like the rest of the model: the buffers become inputs of *this* model's graph
+(another model's are other inputs) and the ints guarded constants (a new density recompiles). Dynamo guards the
+type of every module it inlines, so a model whose layers are of the original class (never attached, or detached)
+never runs a graph traced with routers, nor the reverse. Forward hooks would not do: Dynamo does not guard module
+hooks by default (``torch._dynamo.config.skip_nnmodule_hook_guards``; measured: a hook attached after the first
+compile was never traced). The polar backend reads the markers; any other backend runs them as a copy of one row
+per layer and step.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ __all__ = ["attach", "decoder_layers", "detach"]
 
 WEIGHT, BIAS = "polar_router_weight", "polar_router_bias"
 LAYER, K, MIN_SAVED = "polar_router_layer", "polar_router_k", "polar_min_saved_bytes"
-_HANDLE = "_polar_router_hook"
+_ROUTED_CLASSES: dict[type, type] = {}  # layer class -> its routed subclass
 
 
 def attach(model: nn.Module, routers: RouterBank | str | Path | None, *,
@@ -61,8 +64,7 @@ def attach(model: nn.Module, routers: RouterBank | str | Path | None, *,
         setattr(layer, LAYER, index)
         setattr(layer, K, kept_units(config.layer_density(index), bank.shape.num_kv_heads))
         setattr(layer, MIN_SAVED, min_saved_bytes)
-        if not hasattr(layer, _HANDLE):
-            setattr(layer, _HANDLE, layer.register_forward_pre_hook(_mark_router, with_kwargs=True))
+        layer.__class__ = _routed_class(type(layer))
     return model
 
 
@@ -88,16 +90,31 @@ def decoder_layers(model: nn.Module, shape: ModelShape | None = None) -> nn.Modu
     return max(lists, key=lambda layers: sum(p.numel() for p in layers.parameters()))
 
 
-def _mark_router(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Forward pre-hook: at a decode step, the layer's input goes through ``polar::layer_router``."""
-    hidden = args[0] if args else kwargs.get("hidden_states")
-    if not isinstance(hidden, Tensor) or hidden.dim() != 3 or hidden.shape[1] != 1:
-        return None  # prefill (or an input layout this hook does not know): nothing to route
-    marked = torch.ops.polar.layer_router.default(hidden, getattr(layer, WEIGHT), getattr(layer, BIAS),
-                                          getattr(layer, LAYER), getattr(layer, K), getattr(layer, MIN_SAVED))
+def _routed_class(base: type) -> type:
+    """The subclass of ``base`` whose forward marks the layer's router (``base`` itself if already routed)."""
+    if base in _ROUTED_CLASSES.values():
+        return base
+    if base not in _ROUTED_CLASSES:
+        _ROUTED_CLASSES[base] = type(f"Routed{base.__name__}", (base,), {"forward": _routed_forward,
+                                                                          "__module__": __name__})
+    return _ROUTED_CLASSES[base]
+
+
+def _routed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The layer's own forward, its input first passed through ``polar::layer_router`` at a decode step."""
     if args:
-        return (marked, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": marked}
+        args = (_marked(self, args[0]), *args[1:])
+    elif "hidden_states" in kwargs:
+        kwargs = {**kwargs, "hidden_states": _marked(self, kwargs["hidden_states"])}
+    return type(self).__mro__[1].forward(self, *args, **kwargs)
+
+
+def _marked(layer: nn.Module, hidden: Any) -> Any:
+    # hidden: [B, T, hidden]; prefill (T > 1) or another layout has nothing to route
+    if not isinstance(hidden, Tensor) or hidden.dim() != 3 or hidden.shape[1] != 1:
+        return hidden
+    return torch.ops.polar.layer_router.default(hidden, getattr(layer, WEIGHT), getattr(layer, BIAS),
+                                                getattr(layer, LAYER), getattr(layer, K), getattr(layer, MIN_SAVED))
 
 
 def _set_buffer(module: nn.Module, name: str, value: Tensor) -> None:
@@ -112,10 +129,9 @@ def _set_buffer(module: nn.Module, name: str, value: Tensor) -> None:
 
 
 def _remove(module: nn.Module) -> None:
-    handle = module.__dict__.pop(_HANDLE, None)
-    if handle is None:
+    if type(module) not in _ROUTED_CLASSES.values():
         return
-    handle.remove()
+    module.__class__ = type(module).__mro__[1]
     for name in (WEIGHT, BIAS):
         module._buffers.pop(name, None)
     for name in (LAYER, K, MIN_SAVED):
