@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +60,7 @@ class ExplainReport:
         return "\n".join(lines)
 
 
-def explain(model: nn.Module, *example_args: Any, options: dict[str, Any] | None = None,
+def explain(model: nn.Module | Callable[..., Any], *example_args: Any, options: dict[str, Any] | None = None,
             **example_kwargs: Any) -> ExplainReport:
     """Run ``model(*example_args, **example_kwargs)`` once under ``torch.compile`` and report every site found.
 
@@ -68,6 +69,8 @@ def explain(model: nn.Module, *example_args: Any, options: dict[str, Any] | None
     but it is a real forward: a ``StaticCache`` among the arguments advances by one step.
     """
     config = PolarConfig.from_options({**(options or {}), "inductor": False})
+    if config.routers is not None and isinstance(model, nn.Module):
+        config.routers.check_model(model)  # what attach() checks, before any graph
     graphs: list[list[PassRecord]] = []
 
     def recording_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:

@@ -1,9 +1,16 @@
+import os
+
 import pytest
 import torch
 from hypothesis import settings
 
+# CI (CI=true) runs a fixed, database-free profile so that a red CI is reproducible; by hand,
+# `HYPOTHESIS_PROFILE=polar-thorough pytest` draws many more examples.
 settings.register_profile("polar", deadline=None, derandomize=False, print_blob=True)
-settings.load_profile("polar")
+settings.register_profile("polar-ci", deadline=None, derandomize=True, database=None, print_blob=True)
+settings.register_profile("polar-thorough", deadline=None, derandomize=False, print_blob=True,
+                          max_examples=200)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "polar-ci" if os.environ.get("CI") else "polar"))
 
 
 @pytest.fixture(autouse=True)

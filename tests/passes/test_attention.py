@@ -216,3 +216,29 @@ def test_graph_without_attention_has_no_note():
         step = torch.compile(mlp, backend=polar_compile.make_backend(random_routers(model), 0.5, inductor=False))
         step(torch.randn(2, 1, 32))
     assert not [w for w in caught if "polar" in str(w.message)]
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 3e-2), (torch.float16, 4e-3)])
+@pytest.mark.parametrize("path", ["attach", "options"])
+def test_half_precision_models_match_the_hook_reference(dtype, tolerance, path):
+    """bf16 and fp16 models through the backend (attached routers are cast to the model's dtype, options routers
+    to the router input's), against the hook reference on the same half-precision model."""
+    model = tiny_model(TinySpec("qwen2", heads=4, kv_heads=2, head_dim=8, layers=3, bias=True), seed=8).to(dtype)
+    bank = random_routers(model, seed=8)
+    for layer in bank.layers:  # router weights exact in ``dtype``, so both sides rank the same scores
+        bank.weights[layer] = bank.weights[layer].to(dtype).float()
+        bank.biases[layer] = bank.biases[layer].to(dtype).float()
+    driver = DecodeDriver(model, batch=3, prompt_len=4, max_cache_len=10, pad=[0, 2, 1], seed=8)
+    expected = hooked_reference(model, bank, 0.5, driver.decode_inputs(driver.prefill()))
+    if path == "attach":
+        polar_compile.attach(model, bank, density=0.5)
+        step = torch.compile(model.forward, backend="polar", options={"inductor": False}, fullgraph=True)
+        with torch.no_grad():
+            actual = step(**driver.decode_inputs(driver.prefill())).logits
+    else:
+        actual = compiled_logits(model, bank, 0.5, driver.decode_inputs(driver.prefill()))
+    assert actual.dtype == dtype
+    torch.testing.assert_close(actual.float(), expected.float(), atol=tolerance, rtol=tolerance)
+    with torch.no_grad():
+        dense = model(**driver.decode_inputs(driver.prefill())).logits
+    assert (actual.float() - dense.float()).abs().max() > 10 * tolerance
