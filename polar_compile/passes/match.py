@@ -213,13 +213,25 @@ def _search_up(start: fx.Node, inside: Callable[[fx.Node], bool], wanted: Callab
 def _is_own_kv(cache: fx.Node, site: AttentionSite) -> bool:
     """True when ``cache`` (K or V as SDPA reads it, before ``repeat_kv``) is computed by the owner from a projection
     of the router input, or is a tensor the owner writes such a value into in this graph (a static KV cache)."""
-    written = [user.args[-1] for user in cache.users if op_name(user) == "write" and user.args[0] is cache
-               and is_within(user, site.module)]
-    for value in (cache, *written):
+    for value in (cache, *_written_into(cache, site.module)):
         projection = _projection_above(value, site.module) if isinstance(value, fx.Node) else None
         if projection is not None and _same_tensor(_input_of(projection), site.router_input):
             return True
     return False
+
+
+def _written_into(node: fx.Node, owner: str, depth: int = 2) -> list[fx.Node]:
+    """The values module ``owner`` writes into ``node`` in place, and those written into them in turn (a sliding
+    window cache: ``new = cache.roll(-1, -2); new[..., -1:, :] = k; cache.copy_(new)``)."""
+    values = []
+    for user in node.users:
+        if op_name(user) == "write" and user.args[0] is node and is_within(user, owner):
+            value = user.args[-1]
+            if isinstance(value, fx.Node):
+                values.append(value)
+                if depth > 1:
+                    values += _written_into(value, owner, depth - 1)
+    return values
 
 
 def _input_of(projection: fx.Node) -> fx.Node | None:
