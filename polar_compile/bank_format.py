@@ -106,6 +106,10 @@ def read_config(path: Path, where: str) -> BankConfig:
         config = json.loads(path.read_text(), object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as err:
         raise RouterBankError(f"{where}: {CONFIG_FILE} is not valid JSON ({err})") from err
+    except UnicodeDecodeError as err:
+        raise RouterBankError(f"{where}: {CONFIG_FILE} is not valid JSON (not UTF-8 text: {err})") from err
+    except OSError as err:
+        raise RouterBankError(f"{where}: {CONFIG_FILE} cannot be read ({err})") from err
     except RouterBankError as err:
         raise RouterBankError(f"{where}: {CONFIG_FILE}: {err}") from None
     where = f"{where}: {CONFIG_FILE}: "

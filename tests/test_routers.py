@@ -259,6 +259,9 @@ def test_missing_and_unparsable_config(tmp_path):
     config.write_text("{not json")
     with pytest.raises(RouterBankError, match=r"polar_config\.json is not valid JSON"):
         RouterBank.load(directory)
+    config.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(RouterBankError, match=r"polar_config\.json is not valid JSON \(not UTF-8 text"):
+        RouterBank.load(directory)
     config.unlink()
     with pytest.raises(RouterBankError, match=r"missing polar_config\.json"):
         RouterBank.load(directory)
