@@ -29,9 +29,6 @@ from transformers import AutoModelForCausalLM, LlamaConfig, StaticCache
 import polar_compile
 from polar_compile.testing import random_routers
 
-# transformers >= 5.2x renames `past_key_values` to `cache`; the old name still works and older versions need it
-warnings.filterwarnings("ignore", message=".*`past_key_values` is deprecated", category=FutureWarning)
-
 SMALL = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
              num_key_value_heads=2, max_position_embeddings=1024)
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
@@ -120,6 +117,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    # newer transformers rename `past_key_values` to `cache`; the old name still works, and older versions need it
+    warnings.filterwarnings("ignore", message=".*`past_key_values` is deprecated", category=FutureWarning)
     shape, batch, context = DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"]
     args.shape, args.batch, args.context = args.shape or shape, args.batch or batch, args.context or context
     if not 0 < args.new_tokens < args.context:
