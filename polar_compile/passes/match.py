@@ -80,6 +80,11 @@ class AttentionSite:
     def is_decode(self) -> bool:
         return self.query_len == 1
 
+    @property
+    def kind(self) -> str:
+        """'decode' (one query token), 'prefill', or 'unknown' when the query length is not static."""
+        return "unknown" if self.query_len is None else "decode" if self.is_decode else "prefill"
+
 
 def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
     """Every SDPA call of ``gm`` in graph order, with its parts and, where it can't be rewritten, the reason."""
@@ -164,6 +169,8 @@ def _why_not_decode(site: AttentionSite, args: dict, v_shape: tuple) -> str | No
         return f"prefill (query length {site.query_len}); only decode steps are rewritten"
     if args["is_causal"] is not False:
         return f"is_causal={args['is_causal']} with a single query"
+    if isinstance(args["dropout_p"], fx.Node):
+        return "dropout_p is a float traced as a graph input (its value is unknown when compiling)"
     if args["dropout_p"] != 0.0:
         return f"dropout_p={args['dropout_p']} (attention dropout is not supported)"
     if site.scale is None:
@@ -174,8 +181,6 @@ def _why_not_decode(site: AttentionSite, args: dict, v_shape: tuple) -> str | No
         return f"{site.num_heads} query heads are not a multiple of {site.num_kv_heads} KV heads"
     mask = site.attn_mask
     if mask is not None:
-        if not isinstance(mask, fx.Node):
-            return f"attn_mask is a constant {type(mask).__name__}"
         m_shape, k_shape = shape_of(mask), shape_of(site.key_cache)
         if m_shape is None or len(m_shape) != 4 or static_int(m_shape[1]) != 1 or static_int(m_shape[2]) != 1:
             return f"attn_mask shape {m_shape} is not [B|1, 1, 1, L] (per-head or per-query masks stay dense)"

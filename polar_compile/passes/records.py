@@ -18,7 +18,7 @@ class SiteRecord:
     pass_name: str
     layer: int | None
     module: str
-    kind: str  # "decode" or "prefill"
+    kind: str  # "decode", "prefill" or "unknown" (query length not static)
     heads: int | None
     kv_heads: int | None
     units: int | None  # routed units: query heads (MHA) or KV groups (GQA)
@@ -30,7 +30,7 @@ class SiteRecord:
     def of(cls, pass_name: str, site: AttentionSite, kept: int | None, reason: str | None) -> SiteRecord:
         """The record of ``site``: rewritten when ``reason`` is None (keeping ``kept`` units), else dense."""
         return cls(pass_name=pass_name, layer=site.layer, module=site.module,
-                   kind="decode" if site.is_decode else "prefill", heads=site.num_heads,
+                   kind=site.kind, heads=site.num_heads,
                    kv_heads=site.num_kv_heads, units=site.num_kv_heads, kept=kept, rewritten=reason is None,
                    reason=reason or "")
 

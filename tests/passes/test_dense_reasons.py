@@ -360,3 +360,14 @@ def test_scale_that_is_an_int_in_the_graph():
 #   node of the graph. Dynamo makes a global tensor a placeholder (g_mask_), a module's tensor attribute a
 #   placeholder, and torch.tensor(...) in forward a call_function node; torch.export lifts constants to
 #   placeholders too; SDPA refuses an attn_mask that is not a tensor before any graph exists.
+
+
+def test_dropout_probability_traced_as_a_float_input():
+    """Under dynamic=True Dynamo traces a float attribute as a graph input: its value is unknown when compiling."""
+    model, inputs = ToyModel(SPEC, Knobs(dropout_from_attribute=True)), decode_inputs(SPEC)
+    routers = bank(model)
+    report = dynamic_report(model, routers, inputs)
+    assert reasons(report.sites) == [
+        (i, attn(i), "dropout_p is a float traced as a graph input (its value is unknown when compiling)")
+        for i in range(2)]
+    check_numbers(model, routers, report, inputs, dynamic=True)

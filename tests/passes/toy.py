@@ -40,6 +40,7 @@ class Knobs:
     value_head_dim: int | None = None  # v_proj/o_proj of another head_dim than the keys'
     two_calls: bool = False  # a second SDPA call in the same module (its output added)
     scale_from_shape: bool = False  # scale=key.shape[-2], an int in the graph
+    dropout_from_attribute: bool = False  # dropout_p=self.dropout (0.0): a graph input when compiled dynamic
     external_cache: bool = False  # K/V cache tensors come from the forward's `cache` argument (as HF's StaticCache)
     fixed_heads: bool = False  # view the projections as (B, T, heads, D) instead of HF's (B, T, -1, D)
 
@@ -63,6 +64,7 @@ class ToyAttention(nn.Module):
     def __init__(self, spec: ToySpec, knobs: Knobs) -> None:
         super().__init__()
         self.spec, self.knobs = spec, knobs
+        self.dropout = 0.0
         h, d, hkv = spec.heads, spec.head_dim, spec.kv_heads
         self.v_dim = knobs.value_head_dim or d
         self.q_proj = nn.Linear(spec.hidden, h * d)
@@ -120,6 +122,8 @@ class ToyAttention(nn.Module):
         kwargs = {}
         if knobs.dropout_p:  # else the literal 0.0 HF passes in eval (a float attribute is a graph input when dynamic)
             kwargs["dropout_p"] = knobs.dropout_p
+        if knobs.dropout_from_attribute:
+            kwargs["dropout_p"] = self.dropout
         if knobs.scale_from_shape:
             kwargs["scale"] = keys.shape[-2]
         if knobs.three_d:
