@@ -2,12 +2,13 @@
 
 One attention site, top-down: ``backend.py`` (options -> passes -> Inductor) -> ``passes/attention.py`` (the
 rewrite; sites come from ``passes/match.py``) -> ``ops.py`` (``polar::select_attention``) ->
-``kernels/select_attention.py`` (the Triton kernel), with the routers from ``routers.py``.
+``kernels/select_attention.py`` (the Triton kernel), with the routers from ``routers.py``, put on the model by
+``state.py`` (``attach``) or given in the options.
 """
 
 from .backend import make_backend
 from .calibrate import calibrate
-from .config import PolarConfig
+from .config import PolarConfig, PolarOptionError
 from .explain import ExplainReport, explain
 from .routers import RouterBank, RouterBankError
 from .state import attach, detach
@@ -15,6 +16,7 @@ from .state import attach, detach
 __all__ = [
     # compile
     "PolarConfig",
+    "PolarOptionError",
     "attach",
     "detach",
     "make_backend",

@@ -72,3 +72,18 @@ def test_sliding_window_layers_stay_routed_past_the_window(family, kv_heads):
     report = polar_compile.explain(model, options={"routers": bank, "density": 0.5},
                                    **driver.decode_inputs(cache, driver.steps - 1))
     assert [s.layer for s in report.rewritten] == list(range(1, LAYERS))
+
+
+def test_encoder_decoder_attach_routes_the_decoder_layers():
+    """attach() finds the decoder's layer list (``get_decoder()``), not the encoder's, and the bank's shape is the
+    decoder's (here 3 decoder layers of 4 heads against an encoder of 2 layers of 2 heads)."""
+    model = tiny_seq2seq("bart", layers=LAYERS, seed=7)
+    bank = random_routers(model, seed=7)
+    assert (bank.shape.num_layers, bank.shape.num_heads) == (LAYERS, 4)
+    driver = Seq2SeqDecodeDriver(model, batch=2, steps=2, pad=[1, 0], seed=7)
+    expected = driver.reference(bank, 0.5)
+    polar_compile.attach(model, bank, density=0.5)
+    assert all(not hasattr(layer, "polar_router_weight") for layer in model.get_encoder().layers)
+    step = torch.compile(model.forward, backend="polar", options={"inductor": False}, fullgraph=True)
+    for actual, want in zip(driver.run(step), expected, strict=True):
+        torch.testing.assert_close(actual, want, atol=2e-5, rtol=1e-4)
