@@ -5,11 +5,10 @@ import torch
 from hypothesis import settings
 
 # CI (CI=true) runs a fixed, database-free profile so that a red CI is reproducible; by hand,
-# `HYPOTHESIS_PROFILE=polar-thorough pytest` draws many more examples.
+# `HYPOTHESIS_PROFILE=polar-thorough pytest` draws many more examples (tests/budget.py).
 settings.register_profile("polar", deadline=None, derandomize=False, print_blob=True)
 settings.register_profile("polar-ci", deadline=None, derandomize=True, database=None, print_blob=True)
-settings.register_profile("polar-thorough", deadline=None, derandomize=False, print_blob=True,
-                          max_examples=200)
+settings.register_profile("polar-thorough", deadline=None, derandomize=False, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "polar-ci" if os.environ.get("CI") else "polar"))
 
 

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polar_compile.data import DataError, as_windows, load_text, token_windows, tokenize
+from tests.budget import examples
 from tests.calib_models import SHARED_MODELS, WIKITEXT, needs_shared, random_text, tiny_tokenizer
 
 
@@ -65,7 +66,7 @@ def test_tokenize_adds_no_special_tokens():
     assert tokenize(text, tokenizer).tolist() == with_bos[1:]  # ... the protocol does not
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=examples(50), deadline=None)
 @given(n=st.integers(2, 300), seq_len=st.integers(1, 40), cap=st.one_of(st.none(), st.integers(1, 400)))
 def test_windows_are_non_overlapping_and_drop_the_partial_tail(n, seq_len, cap):
     stream = torch.randperm(10_000)[:n]

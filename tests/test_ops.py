@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import polar_compile  # noqa: F401  (registers the ops)
+from tests.budget import examples
 
 select_attention = torch.ops.polar.select_attention.default
 
@@ -55,7 +56,7 @@ def attention_inputs(draw):
     return query, key, value, units, mask, draw(st.floats(0.05, 1.0))
 
 
-@settings(max_examples=150)
+@settings(max_examples=examples(150))
 @given(attention_inputs())
 def test_reference_matches_float64(args):
     expected = float64_attention(*args)

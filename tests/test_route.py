@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import polar_compile  # noqa: F401  (registers the ops)
 from polar_compile.kernels.route import route_triton
 from polar_compile.ops import route_reference
+from tests.budget import examples
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Score rounding allowed between the op and float64 (inputs are N(0, 1), hidden <= 300).
@@ -55,14 +56,14 @@ def router_inputs(draw):
     return x.to(dtype), weight.to(dtype), bias.to(dtype), k
 
 
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(router_inputs())
 def test_kernel_picks_float64_top_k(args):
     x, weight, bias, k = (a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
     assert_top_k(route_triton(x, weight, bias, k), x.cpu(), weight.cpu(), bias.cpu(), k, x.dtype)
 
 
-@settings(max_examples=100)
+@settings(max_examples=examples(100))
 @given(router_inputs())
 def test_reference_picks_float64_top_k(args):
     x, weight, bias, k = args

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from polar_compile import RouterBank, RouterBankError
 from polar_compile.routers import ModelShape
 from polar_compile.testing import random_routers
+from tests.budget import examples
 from tests.models import FAMILIES, MHA_FAMILIES, MULTI_QUERY_FAMILIES, DecodeDriver, TinySpec, tiny_model
 
 DELETE = object()  # a corruption that removes the field
@@ -50,7 +51,7 @@ json_values = st.recursive(
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text()
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(kv_heads=st.integers(1, 4), group=st.integers(1, 3), hidden=st.integers(1, 48), layers=st.integers(1, 5),
        seed=st.integers(0, 999), data=st.data())
 def test_random_valid_banks_round_trip_exactly(tmp_path_factory, kv_heads, group, hidden, layers, seed, data):
@@ -139,7 +140,7 @@ def valid(field: str, value: object) -> bool:
     }[field]()
 
 
-@settings(max_examples=60)
+@settings(max_examples=examples(60))
 @given(field=st.sampled_from(["format_version", "model.model_type", "model.num_layers", "model.hidden_size",
                               "model.num_heads", "model.num_kv_heads", "unit_kind", "densities", "provenance"]),
        value=json_values | json_scalars | st.dictionaries(st.text(max_size=2), json_scalars, max_size=2))

@@ -9,6 +9,7 @@ from transformers import CompileConfig
 
 import polar_compile
 from polar_compile.testing import random_routers
+from tests.budget import examples
 from tests.models import VOCAB, DecodeDriver, TinySpec, gated_heads, tiny_model
 
 SPEC = TinySpec("llama", heads=4, kv_heads=4, head_dim=8, layers=3)
@@ -33,7 +34,7 @@ def run(step, driver):
         return step(**driver.decode_inputs(driver.prefill())).logits
 
 
-@settings(max_examples=5)
+@settings(max_examples=examples(5))
 @given(actions=st.lists(st.tuples(st.integers(0, 1), st.sampled_from([None, 0, 1]), st.sampled_from([0.25, 0.5, 1.0])),
                         min_size=2, max_size=4))
 def test_every_step_runs_with_the_routers_attached_at_that_time(actions):

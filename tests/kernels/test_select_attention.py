@@ -25,6 +25,7 @@ from polar_compile.kernels.select_attention import (
     select_attention_config,
     select_attention_triton,
 )
+from tests.budget import examples
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Largest |out - ref| allowed, relative to max(1, |ref|) of the same head (outputs are averages of N(0, 1) rows).
@@ -118,7 +119,7 @@ def run_case(
     assert (error <= allowed).all(), f"max error {error.max().item():.3g} (allowed {allowed.min().item():.3g})"
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(80), deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     group=st.sampled_from([1, 2, 4, 8]),
     kv_heads=st.sampled_from([1, 2, 4]),

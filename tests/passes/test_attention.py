@@ -10,6 +10,7 @@ from transformers import StaticCache
 
 import polar_compile
 from polar_compile.testing import random_routers
+from tests.budget import examples
 from tests.models import (
     FAMILIES,
     MHA_FAMILIES,
@@ -43,7 +44,7 @@ def compiled_logits(model, bank, density, inputs):
         return step(**inputs).logits
 
 
-@settings(max_examples=12, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(12), suppress_health_check=[HealthCheck.too_slow])
 @given(spec=specs(), density=st.sampled_from([0.25, 0.5, 0.75]), batch=st.integers(1, 3), seed=st.integers(0, 99),
        data=st.data())
 def test_decode_rewrite_matches_hook_reference(spec, density, batch, seed, data):

@@ -24,6 +24,7 @@ import polar_compile
 from polar_compile.backend import compile_graph
 from polar_compile.config import PolarConfig
 from polar_compile.routers import kept_units
+from tests.budget import examples
 from tests.passes.toy import Knobs, ToyModel, ToySpec, bank, decode_inputs
 
 DENSITY = 0.5
@@ -97,7 +98,7 @@ def dynamic_report(model: ToyModel, routers: polar_compile.RouterBank, inputs: d
 # --- the positive control: the toy with no knob is routed, and computes what the test's own gating computes ---
 
 
-@settings(max_examples=4, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(4), suppress_health_check=[HealthCheck.too_slow])
 @given(heads_kv=st.sampled_from([(2, 2), (4, 2), (4, 4), (8, 2), (6, 3)]), head_dim=st.sampled_from([4, 8]),
        batch=st.integers(1, 3), cache_len=st.integers(2, 9), layers=st.integers(1, 2), seed=st.integers(0, 99))
 def test_toy_without_knobs_is_rewritten_and_matches_the_reference(heads_kv, head_dim, batch, cache_len, layers, seed):
@@ -255,7 +256,7 @@ def test_float64_model_stays_dense():
     check_numbers(model, routers, report, inputs)
 
 
-@settings(max_examples=3, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(3), suppress_health_check=[HealthCheck.too_slow])
 @given(batch=st.integers(1, 3), cache_len=st.integers(2, 9), kv_heads=st.sampled_from([2, 4]))
 def test_site_that_would_skip_too_few_bytes_stays_dense(batch, cache_len, kv_heads):
     """``min_saved_mib``: dense at exactly the bytes routing would skip, routed one byte below."""
