@@ -160,3 +160,16 @@ def test_generate_follows_reattach_and_a_second_model():
     polar_compile.attach(models[0], second, density=0.25)
     assert torch.equal(models[0].generate(**kwargs, compile_config=config), expected(models[0], second, 0.25))
     assert torch.equal(models[1].generate(**kwargs, compile_config=config), expected(models[1], None, 1.0))
+    polar_compile.detach(models[0])
+    assert torch.equal(models[0].generate(**kwargs, compile_config=config), expected(models[0], None, 1.0))
+
+    def options_config(routers):  # torch.compile takes options only without a mode
+        options = CompileConfig(backend="polar", fullgraph=True, mode=None, options={"routers": routers,
+                                                                                     "density": 0.5})
+        options._compile_all_devices = True
+        return options
+
+    assert torch.equal(models[0].generate(**kwargs, compile_config=options_config(first)), expected(models[0], first, 0.5))
+    deeper = random_routers(tiny_model(TinySpec("llama", heads=4, kv_heads=4, head_dim=8, layers=4)))
+    with pytest.raises(Exception, match=r"router bank is for a model of 4 layers, this graph's decoder"):
+        models[0].generate(**kwargs, compile_config=options_config(deeper))
