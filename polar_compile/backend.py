@@ -119,7 +119,7 @@ class _CallableModule(types.ModuleType):
     module). TODO(0.3): remove, with the deprecation period over."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Callable[[fx.GraphModule, Sequence[Any]], Callable[..., Any]]:
-        warnings.warn("polar_compile.make_backend(...) is deprecated, use polar_compile.make_backend(...)",
+        warnings.warn("polar_compile.backend(...) is deprecated, use polar_compile.make_backend(...)",
                       DeprecationWarning, stacklevel=2)
         return make_backend(*args, **kwargs)
 

@@ -84,3 +84,18 @@ def test_dynamic_batch_is_rewritten_and_matches_the_hook_reference():
             actual = step(**driver.decode_inputs(driver.prefill())).logits
         torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4)
         assert (actual - dense).abs().max() > 1e-3
+
+
+def test_backend_module_is_not_hidden_and_the_old_factory_name_warns():
+    import polar_compile.backend as module
+
+    assert module.__name__ == "polar_compile.backend" and module.make_backend is polar_compile.make_backend
+    model = tiny_model(TinySpec("llama", heads=4, kv_heads=2, head_dim=8, layers=2), seed=4)
+    driver = DecodeDriver(model, batch=2, prompt_len=3, max_cache_len=8, seed=4)
+    bank = random_routers(model, seed=4)
+    with pytest.warns(DeprecationWarning, match=r"polar_compile\.backend\(\.\.\.\) is deprecated, use "
+                                                r"polar_compile\.make_backend"):
+        old = polar_compile.backend(bank, 0.5, inductor=False)
+    expected = decode(model, polar_compile.make_backend(bank, 0.5, inductor=False), driver)
+    torch._dynamo.reset()
+    torch.testing.assert_close(decode(model, old, driver), expected, atol=0, rtol=0)
