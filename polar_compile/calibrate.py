@@ -9,6 +9,9 @@
    as their norms do, weighted by the norm gap, so mistakes on near-ties cost little and the whole ranking (every
    density) is learned. Recall of the true top-k is measured on held-out windows.
 3. Optionally pick each layer's density greedily to meet a target mean loss increase on held-out windows.
+
+Routed layers are the attention layers (see :mod:`.instrument`) outside ``dense_layers``: in a hybrid model the
+Mamba, linear-attention or conv layers get no router and stay dense.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .data import DataError, as_windows
 from .evaluate import Evaluator, Sparsity
-from .instrument import SiteInfo, instrument, unit_norms
+from .instrument import InstrumentedModel, SiteInfo, check_routable, instrument, unit_norms
 from .routers import ModelShape, RouterBank, RouterBankError, check_density, kept_units, router_from_linear
 
 __all__ = ["FeatureStore", "LayerReport", "calibrate", "collect", "router_recall", "select_densities", "train_router"]
@@ -73,8 +76,15 @@ def calibrate(
     windows is held out for recall and density selection. ``density`` is each layer's kept fraction, unless
     ``target_loss_increase`` (mean NLL increase in nats per token over dense) picks per-layer densities.
     Features are memory-mapped under ``cache_dir`` (a temporary directory by default).
+
+    Routers are trained for the attention layers not in ``dense_layers``. Raises
+    :class:`~.instrument.InstrumentError` for a model with no attention the matcher can route (a state-space
+    model; attention that does not call SDPA), for an attention layer without a routable site, and for an
+    encoder-decoder model; :class:`RouterBankError` for a config without attention heads, for multi-query
+    attention and when every attention layer is in ``dense_layers``.
     """
     check_density(density)
+    expected = check_routable(model, "calibrate")
     shape = ModelShape.of(model)
     if shape.num_kv_heads < 2:
         raise RouterBankError(
@@ -89,11 +99,17 @@ def calibrate(
             f"the data gives {len(windows)}"
         )
     device = next(model.parameters()).device
-    layers = [layer for layer in range(shape.num_layers) if layer not in set(dense_layers)]
+    if expected is not None and set(expected) <= set(dense_layers):
+        raise _nothing_to_route(expected, dense_layers)
     per_window = min(seq_len, math.ceil((samples or len(windows) * seq_len) / len(windows)))
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix="polar-calibrate-") as directory:
-        store = FeatureStore(Path(directory), layers, len(windows) * per_window, shape)
-        collect(model, windows, store, per_window=per_window, batch_size=batch_size, seed=seed, progress=progress)
+        candidates = [layer for layer in range(shape.num_layers) if layer not in set(dense_layers)]
+        store = FeatureStore(Path(directory), candidates, len(windows) * per_window, shape)
+        found = collect(model, windows, store, per_window=per_window, batch_size=batch_size, seed=seed,
+                        progress=progress)
+        layers = store.layers
+        if not layers:
+            raise _nothing_to_route(found.layers, dense_layers)
         split = (len(windows) - n_heldout) * per_window
         weights, biases, reports = {}, {}, []
         for layer in tqdm(layers, desc="train routers", disable=not progress):
@@ -110,6 +126,7 @@ def calibrate(
         "windows": len(windows), "seq_len": seq_len, "tokens": len(windows) * seq_len,
         "heldout_windows": n_heldout, "samples_per_layer": len(windows) * per_window,
         "loss": "norm-gap-weighted pairwise logistic (RankNet)", "density": density,
+        "attention_layers": found.layers, "skipped_sites": found.skipped,
         "layers": [asdict(r) for r in reports],
     })
     if target_loss_increase is not None:
@@ -120,24 +137,37 @@ def calibrate(
 
 
 class FeatureStore:
-    """Per-layer memory maps on disk: router inputs ``[N, hidden]`` fp16 and unit norms ``[N, units]`` fp32."""
+    """Per-layer memory maps on disk: router inputs ``[N, hidden]`` fp16 and unit norms ``[N, units]`` fp32.
 
-    def __init__(self, directory: Path, layers: Sequence[int], capacity: int, shape: ModelShape) -> None:
+    Accepts samples for ``layers``; a layer's maps exist once it has samples (:attr:`layers`), so layers without
+    attention take no disk.
+    """
+
+    def __init__(self, directory: Path, layers: Iterable[int], capacity: int, shape: ModelShape) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.x = {
-            layer: np.lib.format.open_memmap(directory / f"x{layer}.npy", "w+", np.float16,
-                                             (capacity, shape.hidden_size))
-            for layer in layers
-        }
-        self.norms = {
-            layer: np.lib.format.open_memmap(directory / f"n{layer}.npy", "w+", np.float32,
-                                             (capacity, shape.num_kv_heads))
-            for layer in layers
-        }
-        self.written = dict.fromkeys(layers, 0)
+        self.directory, self.capacity, self.shape = directory, capacity, shape
+        self.accepted = frozenset(layers)
+        self.x: dict[int, np.memmap] = {}
+        self.norms: dict[int, np.memmap] = {}
+        self.written: dict[int, int] = {}
+
+    @property
+    def layers(self) -> list[int]:
+        """The layers with samples, ascending."""
+        return sorted(self.written)
+
+    def accepts(self, layer: int) -> bool:
+        """True when samples of ``layer`` are stored."""
+        return layer in self.accepted
 
     def append(self, layer: int, x: Tensor, norms: Tensor) -> None:
         # x: [N, hidden]   norms: [N, units]
+        if layer not in self.written:
+            self.x[layer] = np.lib.format.open_memmap(self.directory / f"x{layer}.npy", "w+", np.float16,
+                                                      (self.capacity, self.shape.hidden_size))
+            self.norms[layer] = np.lib.format.open_memmap(self.directory / f"n{layer}.npy", "w+", np.float32,
+                                                          (self.capacity, self.shape.num_kv_heads))
+            self.written[layer] = 0
         start, stop = self.written[layer], self.written[layer] + len(x)
         self.x[layer][start:stop] = x.detach().to(torch.float16).cpu().numpy()
         self.norms[layer][start:stop] = norms.detach().float().cpu().numpy()
@@ -151,8 +181,10 @@ class FeatureStore:
 
 
 def collect(model: nn.Module, windows: Tensor, store: FeatureStore, *, per_window: int, batch_size: int = 8,
-            seed: int = 0, progress: bool = True) -> None:
-    """Run windows ``[n, T + 1]`` through the instrumented model; store ``per_window`` random positions per window.
+            seed: int = 0, progress: bool = True) -> InstrumentedModel:
+    """Run windows ``[n, T + 1]`` through the instrumented model; store ``per_window`` random positions per window
+    for each attention layer the store accepts. Returns the instrumented model (its attention layers, the SDPA
+    calls it skipped).
 
     Positions are drawn per window (sorted), the same for every layer; rows are stored in window order.
     """
@@ -162,7 +194,7 @@ def collect(model: nn.Module, windows: Tensor, store: FeatureStore, *, per_windo
 
     def record(site: SiteInfo, x: Tensor, out: Tensor) -> Tensor:
         # x: [B, T, hidden]   out: [B, H, T, D]
-        if site.layer in store.written:
+        if store.accepts(site.layer):
             index = positions[0].to(x.device)
             x_kept = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))  # [B, per_window, hidden]
             norms = unit_norms(out, site.units)  # [B, T, units]
@@ -177,6 +209,7 @@ def collect(model: nn.Module, windows: Tensor, store: FeatureStore, *, per_windo
         order = torch.rand(len(batch), seq_len, generator=generator).argsort(dim=1)
         positions[:] = [order[:, :per_window].sort(dim=1).values]
         instrumented(batch.to(device))
+    return instrumented
 
 
 def train_router(x: Tensor, norms: Tensor, *, steps: int = 50, weight_decay: float = 1e-4
@@ -248,3 +281,9 @@ def select_densities(model: nn.Module, bank: RouterBank, windows: Tensor, target
             best = min(trials, key=trials.get)
             kept[best] -= 1
     return {layer: k / units for layer, k in kept.items()}
+
+
+def _nothing_to_route(attention: Sequence[int], dense_layers: Sequence[int]) -> RouterBankError:
+    return RouterBankError(
+        f"nothing to route: the attention layers {list(attention)} are all in dense_layers {list(dense_layers)}"
+    )

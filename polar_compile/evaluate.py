@@ -4,7 +4,7 @@ The sparse path uses the same matcher as the backend (through :mod:`.instrument`
 token, ``keep[b, t]`` marks the top-k units by router score ``linear(router_input, W, b)`` (``polar::route``, the
 op ``passes/attention.py`` inserts for a decode token) or by the true per-unit output norms (oracle); the SDPA output
 becomes ``out * keep`` expanded to the unit's heads, so a dropped unit's heads give exactly zero. Layers without a
-router (layer 0 by default) stay dense.
+router (layer 0 by default, and the layers of a hybrid model that have no attention) stay dense.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .instrument import SiteInfo, instrument, unit_norms
-from .routers import ModelShape, RouterBank, kept_units
+from .instrument import SiteInfo, check_routable, instrument, unit_norms
+from .routers import ModelShape, RouterBank, RouterBankError, kept_units
 
 __all__ = [
     "METHODS",
@@ -83,10 +83,16 @@ class _Gate:
 
 
 class Evaluator:
-    """One model instrumented once; measures token NLL and greedy generations under any :class:`Sparsity`."""
+    """One model instrumented once; measures token NLL and greedy generations under any :class:`Sparsity`.
+
+    Raises :class:`~.instrument.InstrumentError` for models :func:`~.instrument.check_routable` refuses, and
+    :class:`RouterBankError` for a bank of another model, or (at the first run) one that routes a layer without
+    attention.
+    """
 
     def __init__(self, model: nn.Module, bank: RouterBank | None = None, *, batch_size: int = 8,
                  progress: bool = True) -> None:
+        self.attention_layers = check_routable(model, "evaluate")  # None: the config does not say
         if bank is not None:
             bank.check_model(model)
         self.shape = ModelShape.of(model)
@@ -96,10 +102,15 @@ class Evaluator:
         self.device = next(model.parameters()).device
         self._gate = _Gate(bank)
         self._model = instrument(model, self._gate)
+        self._bank_checked = bank is None
 
     def routed_layers(self) -> list[int]:
-        """The gated layers: the bank's, or every layer but 0 without a bank (the oracle protocol)."""
-        return self.bank.layers if self.bank is not None else list(range(1, self.shape.num_layers))
+        """The gated layers: the bank's, or without a bank every attention layer but layer 0 (the oracle protocol;
+        every layer but 0 where the config does not say which layers have attention)."""
+        if self.bank is not None:
+            return self.bank.layers
+        layers = self.attention_layers if self.attention_layers is not None else range(self.shape.num_layers)
+        return [layer for layer in layers if layer != 0]
 
     def sparsity(self, method: str, density: float) -> Sparsity:
         """``method`` at one density for every routed layer."""
@@ -114,7 +125,7 @@ class Evaluator:
         batches = range(0, len(windows), self.batch_size)
         for start in tqdm(batches, desc=desc or sparsity.method, disable=not self.progress, leave=False):
             batch = windows[start : start + self.batch_size].to(self.device)
-            logits = self._model(batch[:, :-1])  # [B, T, vocab]
+            logits = self._run(batch[:, :-1])  # [B, T, vocab]
             nll = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
             losses.append(nll.view(len(batch), -1).cpu())
         return torch.cat(losses)
@@ -124,9 +135,22 @@ class Evaluator:
         self._gate.sparsity = sparsity
         tokens = prompts.to(self.device)
         for _ in range(new_tokens):
-            next_token = self._model(tokens)[:, -1].argmax(-1)  # [P]
+            next_token = self._run(tokens)[:, -1].argmax(-1)  # [P]
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
         return tokens[:, prompts.shape[1] :].cpu()
+
+    def _run(self, input_ids: Tensor) -> Tensor:
+        """Logits ``[B, T, vocab]`` of the instrumented model; the first run checks the bank's layers."""
+        logits = self._model(input_ids)
+        if not self._bank_checked:
+            extra = sorted(set(self.bank.layers) - set(self._model.layers))
+            if extra:
+                raise RouterBankError(
+                    f"router bank has routers for layers {extra}, where the model has no attention site to route "
+                    f"(its attention layers: {self._model.layers}); a bank for this model routes attention layers only"
+                )
+            self._bank_checked = True
+        return logits
 
 
 @dataclass
