@@ -371,7 +371,7 @@ def _bench(args: argparse.Namespace) -> int:
             rows = bench.merge_results(args.report)
         except (OSError, ValueError) as error:
             print(f"polar-compile bench: error: {error}", file=sys.stderr)
-            return 1
+            return 2
         bench.report(rows, args.out)
         return 0
     cases = args.cases or bench.grid(args.models, args.batch, args.context)
@@ -379,7 +379,7 @@ def _bench(args: argparse.Namespace) -> int:
         bench.require_cuda()
     except bench.CudaUnavailableError as error:
         print(f"polar-compile bench: error: {error}", file=sys.stderr)
-        return 1
+        return 2
     bench.run_benchmark(cases, repeats=args.repeats, out=args.out, max_layers=args.layers)
     return 0
 

@@ -150,7 +150,7 @@ def test_no_cuda_is_a_clear_error_not_a_traceback(monkeypatch, capsys, tmp_path)
         require_cuda()
     status = main(["bench", "--cases", "llama2-7b:1:16", "--layers", "1", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert status == 1
+    assert status == 2
     assert err.startswith("polar-compile bench: error: the decode benchmark needs a CUDA GPU")
     assert "torch.cuda.is_available() is False" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
@@ -268,7 +268,7 @@ def test_report_merges_runs_without_cuda(tmp_path, monkeypatch, capsys):
 def test_report_names_a_file_that_is_not_a_benchmark(tmp_path, capsys):
     path = tmp_path / "eval.json"
     path.write_text(json.dumps({"perplexity": 60.0}))
-    assert main(["bench", "--report", str(path), "--out", str(tmp_path / "out")]) == 1
+    assert main(["bench", "--report", str(path), "--out", str(tmp_path / "out")]) == 2
     assert f"polar-compile bench: error: {path}: expected a list of benchmark rows" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
