@@ -5,8 +5,9 @@ Add a subcommand by writing ``_add_<name>(subparsers)`` that registers its argum
 Errors: a user's mistake (an option value, a model path, a router bank or data that does not fit) is one line on
 stderr, ``polar-compile <command>: error: <message>``, and exit status 2. Option values are checked while parsing
 (argparse ``type`` functions); a model path or tokenizer that does not load becomes :class:`UsageError` where it is
-loaded, and :class:`~polar_compile.routers.RouterBankError` and :class:`~polar_compile.data.DataError`, raised for
-such inputs only, are reported wherever they arise. Every other exception is a bug and keeps its traceback.
+loaded, and :class:`~polar_compile.routers.RouterBankError`, :class:`~polar_compile.data.DataError` and
+:class:`~polar_compile.instrument.InstrumentError` (a model with no attention to route), raised for such inputs only,
+are reported wherever they arise. Every other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .data import DataError
+from .instrument import InstrumentError
 from .routers import RouterBankError, check_density
 
 __all__ = ["UsageError", "main"]
@@ -31,7 +33,7 @@ class UsageError(Exception):
 
 
 # Exceptions that mean "the user's input is wrong", wherever they are raised; nothing else is caught.
-USER_ERRORS = (UsageError, RouterBankError, DataError)
+USER_ERRORS = (UsageError, RouterBankError, DataError, InstrumentError)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 import polar_compile.evaluate
 from polar_compile.cli import main, plain_text
@@ -226,3 +227,14 @@ def test_the_console_script_exits_with_status_2(tmp_path):
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr == f"polar-compile eval: error: --model {tmp_path / 'missing'}: no such folder\n"
+
+
+def test_a_model_without_sdpa_attention_is_one_line(capsys, tmp_path, text_file):
+    directory = tmp_path / "mamba"
+    config = transformers.MambaConfig(vocab_size=len(tiny_tokenizer()), hidden_size=16, state_size=4, num_hidden_layers=2)
+    transformers.MambaForCausalLM(config).save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    assert_user_error(["calibrate", "--model", str(directory), "--data", str(text_file), "--seq-len", "16",
+                       "--out", str(tmp_path / "bank")],
+                      "does not support an attention implementation through "
+                      "torch.nn.functional.scaled_dot_product_attention", capsys)
