@@ -165,11 +165,21 @@ class DecodeDriver:
 def gated_heads(model: nn.Module, bank, density: float) -> Iterator[None]:
     """Hooks that, at decode steps (one query token), zero before the output projection the heads of the units
     the router did not pick: written from the router tensors alone, with float64 scores."""
-    captured, handles = {}, []
     config = model.config
     heads = config.num_attention_heads
-    units = getattr(config, "num_key_value_heads", None) or heads
-    for layer, (q_proj, o_proj) in enumerate(attention_modules(model)):
+    with gated_attention(attention_modules(model), bank, density, heads,
+                         getattr(config, "num_key_value_heads", None) or heads):
+        yield
+
+
+@contextmanager
+def gated_attention(pairs: list[tuple[nn.Module, nn.Module]], bank, density: float, heads: int,
+                    units: int) -> Iterator[None]:
+    """:func:`gated_heads` on explicit per-layer (query projection, output projection) pairs (bank layer ``i`` =
+    ``pairs[i]``): float64 scores ``x @ W.T + b`` on the query projection's input, top
+    ``max(1, round(density * units))`` per sequence, the other units' heads zeroed at decode steps."""
+    captured, handles = {}, []
+    for layer, (q_proj, o_proj) in enumerate(pairs):
         if layer not in bank.weights:
             continue
         weight, bias = bank.weights[layer].double(), bank.biases[layer].double()

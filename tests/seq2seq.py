@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from polar_compile.routers import ModelShape, RouterBank
-from tests.models import VOCAB
+from tests.models import VOCAB, gated_attention
 
 # BART's layout (q_proj/k_proj/v_proj/out_proj, `self_attn` and `encoder_attn`): family -> config class
 BART_LIKE = {
@@ -95,27 +95,6 @@ def decoder_self_attention(model: nn.Module) -> list[tuple[nn.Module, nn.Module]
         elif name.endswith(".SelfAttention"):
             pairs.append((module.q, module.o))
     return pairs
-
-
-def decoder_shape(model: nn.Module) -> ModelShape:
-    """The decoder self-attention's shape, which a router bank of an encoder-decoder must have (MHA: units = heads)."""
-    config = model.config
-    heads = getattr(config, "decoder_attention_heads", None) or config.num_heads
-    return ModelShape(model_type=config.model_type, num_layers=len(decoder_self_attention(model)),
-                      hidden_size=config.d_model, num_heads=heads, num_kv_heads=heads)
-
-
-def random_decoder_routers(model: nn.Module, seed: int = 0, *, first_layer: int = 1) -> RouterBank:
-    """Random routers for decoder layers ``first_layer..`` (like :func:`polar_compile.testing.random_routers`,
-    shaped for the decoder's self-attention; layer ``i`` of the bank is decoder layer ``i``)."""
-    shape = decoder_shape(model)
-    generator = torch.Generator().manual_seed(seed)
-    units, hidden = shape.num_kv_heads, shape.hidden_size
-    weights, biases = {}, {}
-    for layer in range(first_layer, shape.num_layers):
-        weights[layer] = torch.randn(units, hidden, generator=generator) / hidden**0.5
-        biases[layer] = 0.1 * torch.randn(units, generator=generator)
-    return RouterBank(shape, weights, biases, provenance={"kind": "random", "seed": seed})
 
 
 class Seq2SeqDecodeDriver:
@@ -200,36 +179,8 @@ def _left_padded_mask(batch: int, length: int, pad: list[int] | None) -> torch.T
 
 @contextmanager
 def gated_decoder_self_attention(model: nn.Module, bank: RouterBank, density: float) -> Iterator[None]:
-    """Hooks on the decoder's self-attention only (:func:`decoder_self_attention`; bank layer ``i`` = decoder layer
-    ``i``) that, at decode steps (one query token), zero before the output projection the heads the router did
-    not pick: float64 scores ``x @ W.T + b`` on the query projection's input, top ``max(1, round(density * units))``
-    per sequence, like :func:`tests.models.gated_heads`. Cross-attention and the encoder are left alone."""
-    captured: dict[int, torch.Tensor] = {}
-    handles = []
-    heads = decoder_shape(model).num_heads
-    for layer, (q_proj, o_proj) in enumerate(decoder_self_attention(model)):
-        if layer not in bank.weights:
-            continue
-        weight, bias = bank.weights[layer].double(), bank.biases[layer].double()
-        keep = max(1, round(density * heads))
-
-        def capture(module: nn.Module, args: tuple, layer: int = layer) -> None:
-            captured[layer] = args[0]
-
-        def gate(module: nn.Module, args: tuple, layer: int = layer, weight: torch.Tensor = weight,
-                 bias: torch.Tensor = bias, keep: int = keep) -> tuple | None:
-            z = args[0]  # [B, T, H * D]
-            if z.shape[1] != 1:
-                return None  # prefill stays dense
-            x = captured[layer].double()
-            scores = x @ weight.to(x.device).T + bias.to(x.device)  # [B, 1, heads]
-            chosen = torch.zeros_like(scores).scatter(-1, scores.topk(keep, dim=-1).indices, 1.0)
-            z = z.view(*z.shape[:-1], heads, -1) * chosen[..., None].to(z.dtype)
-            return (z.flatten(-2),)
-
-        handles += [q_proj.register_forward_pre_hook(capture), o_proj.register_forward_pre_hook(gate)]
-    try:
+    """:func:`tests.models.gated_heads` on the decoder's self-attention only (:func:`decoder_self_attention`; bank
+    layer ``i`` = decoder layer ``i``); cross-attention and the encoder are left alone."""
+    heads = ModelShape.of(model).num_heads  # the decoder's (MHA: units = heads)
+    with gated_attention(decoder_self_attention(model), bank, density, heads, heads):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()

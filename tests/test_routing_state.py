@@ -100,18 +100,13 @@ def test_options_banks_are_compared_by_identity_and_checked_against_the_graph():
         want = reference(model, equivalent, density, driver)
         torch.testing.assert_close(run(step, driver), want, atol=2e-5, rtol=1e-4)
 
-    deeper = tiny_model(TinySpec("llama", heads=4, kv_heads=4, head_dim=8, layers=4), seed=7)
-    step = torch.compile(model.forward, backend="polar", fullgraph=True,
-                         options={"routers": random_routers(deeper), "inductor": False})
-    with pytest.raises(Exception, match=r"router bank is for a model of 4 layers, this graph's decoder "
-                                        r"\(model\.layers\) has 3"):
-        run(step, driver)
-    shallower = tiny_model(TinySpec("llama", heads=4, kv_heads=4, head_dim=8, layers=2), seed=7)
-    step = torch.compile(model.forward, backend="polar", fullgraph=True,
-                         options={"routers": random_routers(shallower), "inductor": False})
-    with pytest.raises(Exception, match=r"layer 2 \(model\.layers\.2\.self_attn\): the router bank is for a model "
-                                        r"of 2 layers"):
-        run(step, driver)
+    for layers, message in ((4, r"router bank is for a model of 4 layers, this graph's decoder \(model\.layers\) has 3"),
+                            (2, r"layer 2 \(model\.layers\.2\.self_attn\): the router bank is for a model of 2 layers")):
+        other_model = tiny_model(TinySpec("llama", heads=4, kv_heads=4, head_dim=8, layers=layers), seed=7)
+        step = torch.compile(model.forward, backend="polar", fullgraph=True,
+                             options={"routers": random_routers(other_model), "inductor": False})
+        with pytest.raises(Exception, match=message):
+            run(step, driver)
 
 
 def test_a_wrapped_decoder_routes_each_layer_with_its_own_router():

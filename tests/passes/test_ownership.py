@@ -7,7 +7,7 @@ import torch
 import polar_compile
 from polar_compile.testing import random_routers
 from tests.models import TinySpec
-from tests.seq2seq import PER_HEAD_MASK_FAMILIES, Seq2SeqDecodeDriver, random_decoder_routers, tiny_seq2seq
+from tests.seq2seq import PER_HEAD_MASK_FAMILIES, Seq2SeqDecodeDriver, tiny_seq2seq
 from tests.sliding import MultiStepDriver, tiny_sliding_model
 
 LAYERS = 3
@@ -20,7 +20,7 @@ def polar_steps(bank, density):
 @pytest.mark.parametrize("family", ["bart", "whisper", "marian"])  # M2M100 breaks fullgraph on transformers 5.17
 def test_encoder_decoder_routes_decoder_self_attention_only(family):
     model = tiny_seq2seq(family, layers=LAYERS, seed=4)
-    bank = random_decoder_routers(model, seed=4)
+    bank = random_routers(model, seed=4)
     driver = Seq2SeqDecodeDriver(model, batch=3, steps=3, pad=[0, 1, 2], seed=4)
 
     report = polar_compile.explain(model, options={"routers": bank, "density": 0.5},
@@ -41,7 +41,7 @@ def test_encoder_decoder_routes_decoder_self_attention_only(family):
 @pytest.mark.parametrize("family", PER_HEAD_MASK_FAMILIES)
 def test_per_head_masks_of_t5_keep_every_site_dense(family):
     model = tiny_seq2seq(family, layers=LAYERS, seed=5)
-    bank = random_decoder_routers(model, seed=5)
+    bank = random_routers(model, seed=5)
     driver = Seq2SeqDecodeDriver(model, batch=2, steps=2, seed=5)
     report = polar_compile.explain(model, options={"routers": bank, "density": 0.5},
                                    **driver.decode_inputs(driver.prefill()))
