@@ -100,9 +100,11 @@ def test_options_banks_are_compared_by_identity_and_checked_against_the_graph():
         want = reference(model, equivalent, density, driver)
         torch.testing.assert_close(run(step, driver), want, atol=2e-5, rtol=1e-4)
 
-    for layers, message in ((4, r"router bank is for a model of 4 layers, this graph's decoder \(model\.layers\) has 3"),
-                            (2, r"layer 2 \(model\.layers\.2\.self_attn\): the router bank is for a model of 2 layers")):
-        other_model = tiny_model(TinySpec("llama", heads=4, kv_heads=4, head_dim=8, layers=layers), seed=7)
+    for family, layers, message in (
+            ("llama", 4, r"router bank is for a model of 4 layers, this graph's decoder \(model\.layers\) has 3"),
+            ("llama", 2, r"layer 2 \(model\.layers\.2\.self_attn\): the router bank is for a model of 2 layers"),
+            ("qwen2", 3, r"the router bank is for model_type 'qwen2', this graph runs 'llama'")):
+        other_model = tiny_model(TinySpec(family, heads=4, kv_heads=4, head_dim=8, layers=layers), seed=7)
         step = torch.compile(model.forward, backend="polar", fullgraph=True,
                              options={"routers": random_routers(other_model), "inductor": False})
         with pytest.raises(Exception, match=message):

@@ -102,6 +102,12 @@ def _bank_router(site: AttentionSite, config: PolarConfig) -> SiteRouter | str:
 
 def _check_bank_fits_graph(gm: fx.GraphModule, bank: RouterBank, sites: list[AttentionSite]) -> None:
     """Raise naming the first disagreement between an options bank and the decoder this graph runs."""
+    model_types = {model_type for site in sites for model_type in _model_types(site.sdpa)}
+    if model_types and bank.shape.model_type not in model_types:
+        raise RouterBankError(
+            f"the router bank is for model_type {bank.shape.model_type!r}, this graph runs "
+            f"{' / '.join(sorted(map(repr, model_types)))}"
+        )
     for site in sites:
         if site.layer >= bank.shape.num_layers:
             raise RouterBankError(
@@ -116,6 +122,15 @@ def _check_bank_fits_graph(gm: fx.GraphModule, bank: RouterBank, sites: list[Att
                 f"the router bank is for a model of {bank.shape.num_layers} layers, this graph's decoder "
                 f"({layer_list}) has {count}"
             )
+
+
+def _model_types(node: fx.Node) -> list[str]:
+    """The HF ``model_type`` of every module around ``node`` whose class names its config class (the model, its
+    decoder, ...); Dynamo records classes, export may record only their names (then none)."""
+    classes = [cls for _, cls in (node.meta.get("nn_module_stack") or {}).values() if isinstance(cls, type)]
+    config_classes = [getattr(cls, "config_class", None) for cls in classes]
+    return [config.model_type for config in config_classes if isinstance(getattr(config, "model_type", None), str)
+            and config.model_type]
 
 
 def _complete_layer_count(gm: fx.GraphModule, layer_list: str) -> int | None:
