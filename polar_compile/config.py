@@ -12,7 +12,7 @@ from .routers import RouterBank, check_density
 
 __all__ = ["AVAILABLE_PASSES", "PolarConfig", "PolarOptionError"]
 
-AVAILABLE_PASSES = ("attention", "gqa")  # in the order they run
+AVAILABLE_PASSES = ("attention", "gqa", "mlp")  # in the order they run
 OPTIONS = ("routers", "density", "passes", "inductor", "min_saved_mib")
 
 

@@ -36,6 +36,14 @@ _FUNCTION_TARGETS: dict[str, tuple[Any, ...]] = {
     ),
     "unsqueeze": (torch.unsqueeze, torch.Tensor.unsqueeze, aten.unsqueeze.default),
     "softmax": (F.softmax, torch.softmax, torch.Tensor.softmax, aten._softmax.default, aten.softmax.int),
+    # what MLP activations are made of (GPT-2's tanh GELU is a chain of mul, pow, add, tanh)
+    "relu": (F.relu, torch.relu, torch.Tensor.relu, aten.relu.default),
+    "activation": (F.silu, F.gelu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, torch.Tensor.sigmoid, aten.silu.default,
+                   aten.gelu.default, aten.sigmoid.default, aten.tanh.default),
+    "mul": (operator.mul, torch.mul, torch.Tensor.mul, aten.mul.Tensor),
+    "add": (operator.add, torch.add, torch.Tensor.add, aten.add.Tensor),
+    "pow": (operator.pow, torch.pow, torch.Tensor.pow, aten.pow.Tensor_Scalar),
+    "dropout": (F.dropout, aten.dropout.default),
     "getitem": (operator.getitem,),
     "slice": (aten.slice.Tensor,),
     "alias": (aten.alias.default, torch.Tensor.contiguous, aten.contiguous.default, aten.clone.default),
@@ -57,6 +65,10 @@ _METHOD_NAMES: dict[str, str] = {
     "unsqueeze": "unsqueeze",
     "contiguous": "alias",
     "softmax": "softmax",
+    "relu": "relu",
+    "mul": "mul",
+    "add": "add",
+    "pow": "pow",
     "index_copy_": "write",
     "copy_": "write",
     "index_put_": "write",
@@ -73,6 +85,16 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
 }
 PROJECTIONS = ("linear", "addmm", "matmul")  # ops whose "input" a router can read (matmul only by a 2-D weight)
 SDPA_DEFAULTS: dict[str, Any] = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+def is_projection(node: fx.Node) -> bool:
+    """A linear layer: ``linear``, ``addmm``, or ``matmul`` by a 2-D right operand (``x @ weight.T``); a matmul of
+    two activations (batched) is not one."""
+    name = op_name(node)
+    if name != "matmul":
+        return name in PROJECTIONS
+    other = shape_of(bound_args(node, name).get("other"))
+    return other is not None and len(other) == 2
 
 
 def op_name(node: fx.Node) -> str | None:

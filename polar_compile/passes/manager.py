@@ -9,13 +9,14 @@ from torch import fx
 from ..config import PolarConfig
 from .attention import AttentionPass
 from .gqa import GqaPass
+from .mlp import MlpPass
 from .records import PassRecord
 from .routing import strip_router_markers
 
 __all__ = ["run_passes"]
 
 # In this order: the GQA pass rewrites the sites the attention pass left dense.
-_PASSES = {"attention": AttentionPass, "gqa": lambda config: GqaPass()}
+_PASSES = {"attention": AttentionPass, "gqa": lambda config: GqaPass(), "mlp": lambda config: MlpPass()}
 
 
 def run_passes(gm: fx.GraphModule, config: PolarConfig) -> list[PassRecord]:

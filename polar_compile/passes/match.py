@@ -28,11 +28,11 @@ import torch
 from torch import fx
 
 from .graph import (
-    PROJECTIONS,
     SDPA_DEFAULTS,
     bound_args,
     fake_value,
     is_full_slice,
+    is_projection,
     is_within,
     layer_of,
     module_path,
@@ -194,8 +194,8 @@ def _why_not_decode(site: AttentionSite, args: dict, v_shape: tuple) -> str | No
 
 def _projection_above(start: fx.Node, owner: str) -> fx.Node | None:
     """Breadth-first up from ``start`` through nodes of module ``owner`` to the nearest projection
-    (:func:`_is_projection`), not searching past any projection nor leaving the module."""
-    return _search_up(start, lambda node: is_within(node, owner), _is_projection)
+    (:func:`is_projection`), not searching past any projection nor leaving the module."""
+    return _search_up(start, lambda node: is_within(node, owner), is_projection)
 
 
 def _search_up(start: fx.Node, inside: Callable[[fx.Node], bool], wanted: Callable[[fx.Node], bool]
@@ -253,16 +253,6 @@ def _unreshaped(node: fx.Node) -> fx.Node:
     while op_name(node) == "reshape" and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
-
-
-def _is_projection(node: fx.Node) -> bool:
-    """A linear layer: ``linear``, ``addmm``, or ``matmul`` by a 2-D right operand (``x @ weight.T``); a matmul of
-    two activations (batched) is not one."""
-    name = op_name(node)
-    if name != "matmul":
-        return name in PROJECTIONS
-    other = shape_of(bound_args(node, name).get("other"))
-    return other is not None and len(other) == 2
 
 
 def _unrepeated_cache(node: fx.Node, num_heads: int) -> fx.Node | None:

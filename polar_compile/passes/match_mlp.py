@@ -1,0 +1,154 @@
+"""The matcher's MLP half: the MLP sites of a decode-step graph, found by structure, never by class names.
+
+A site is a *down* projection whose input is computed, through elementwise ops only, from *up* projection(s):
+- plain: ``down(act(up(x)))`` (OPT's ``fc1 -> relu -> fc2`` on a 2-D flatten, GPT-NeoX's, GPT-2's Conv1D
+  ``addmm``s with their views);
+- gated: ``down(act(gate(x)) * up(x))`` (Llama-style; ReLU-fied Llama/Mistral).
+Projections are ``linear``, Conv1D's ``addmm`` and ``matmul`` by a 2-D weight (:func:`.graph.is_projection`). The
+activation is named from the ops between: a bare ``relu`` has exact zeros, which Polar's neuron sparsity needs;
+any other activation (SiLU, GELU, GPT-2's tanh-GELU chain) keeps the site dense with that reason. The site's layer is
+the decoder layer around it (``graph.layer_of``), as for attention sites.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx
+
+from .graph import bound_args, is_projection, layer_of, op_name, shape_of, static_int
+
+__all__ = ["MlpSite", "find_mlp_sites"]
+
+# Ops an MLP's activation is made of (GPT-2's tanh GELU is a chain of them); anything else ends the search.
+_ELEMENTWISE = ("relu", "activation", "mul", "add", "pow", "tanh", "reshape", "alias", "dropout")
+_SEARCH_LIMIT = 32  # nodes between the projections (GPT-2's tanh GELU is 8)
+
+
+@dataclass(eq=False)
+class MlpSite:
+    """One MLP: its projections, its activation and, where it can't be sparsified, why."""
+
+    down: fx.Node
+    up: fx.Node
+    gate: fx.Node | None  # gated MLPs: the projection under the activation (``up`` is the other factor)
+    activation: str  # "relu", or the op names between the projections ("gelu", "silu", "mul+pow+tanh+add", ...)
+    layer: int | None
+    layer_module: str | None
+    hidden_size: int | None
+    ffn_size: int | None
+    dense_reason: str | None = None
+
+    @property
+    def is_relu(self) -> bool:
+        return self.activation == "relu"
+
+
+def find_mlp_sites(gm: fx.GraphModule) -> list[MlpSite]:
+    """Every MLP of ``gm`` in graph order (see the module docstring), with the reason where it must stay dense."""
+    sites = []
+    for node in gm.graph.nodes:
+        if is_projection(node):
+            site = _match_site(node)
+            if site is not None:
+                sites.append(site)
+    return sites
+
+
+def _match_site(down: fx.Node) -> MlpSite | None:
+    source = bound_args(down, op_name(down)).get("input")
+    if not isinstance(source, fx.Node):
+        return None
+    ups, ops = _projections_above(source)
+    if not ups or len(ups) > 2:
+        return None
+    layer = layer_of(down)
+    up, gate = ups[0], None
+    activation = _activation(ops)
+    if len(ups) == 2:  # gated: the factor with the activation on it is the gate
+        up, gate = _split_gate(source, ups)
+        if gate is None:
+            return None
+        activation = _activation(_ops_between(_unviewed(source), gate))
+    site = MlpSite(down=down, up=up, gate=gate, activation=activation, layer=layer[1] if layer else None,
+                   layer_module=layer[0] if layer else None, hidden_size=_width(down), ffn_size=_width(up))
+    site.dense_reason = _why_dense(site)
+    return site
+
+
+def _why_dense(site: MlpSite) -> str | None:
+    if not site.is_relu:
+        return f"activation {site.activation} has no exact zeros (only ReLU MLPs are sparsified)"
+    if site.layer is None:
+        return "not inside an item of a module list (a decoder layer), so it has no layer index for a router"
+    if site.hidden_size is None or site.ffn_size is None:
+        return "hidden or ffn width unknown or dynamic"
+    return None
+
+
+def _projections_above(source: fx.Node) -> tuple[list[fx.Node], list[str]]:
+    """The projections that ``source`` is computed from through elementwise ops, and those ops' names in order."""
+    seen, frontier, projections, ops = {source}, [source], [], []
+    while frontier and len(seen) < _SEARCH_LIMIT:
+        node = frontier.pop(0)
+        if is_projection(node):
+            projections.append(node)
+            continue
+        name = op_name(node)
+        if node.op not in ("call_function", "call_method") or name not in _ELEMENTWISE:
+            return [], []  # something other than an activation between: not an MLP
+        if name not in ("reshape", "alias", "dropout"):
+            ops.append(_activation_name(node))
+        for parent in node.all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                frontier.append(parent)
+    return projections, ops
+
+
+def _split_gate(source: fx.Node, ups: list[fx.Node]) -> tuple[fx.Node, fx.Node | None]:
+    """(up, gate) of a gated MLP ``act(gate) * up``: the factor computed from its projection by no op is ``up``."""
+    product = _unviewed(source)
+    if op_name(product) != "mul" or len(product.all_input_nodes) != 2:
+        return ups[0], None
+    first, second = (_unviewed(arg) for arg in product.all_input_nodes)
+    if first in ups and second not in ups:
+        return first, ups[1] if ups[0] is first else ups[0]
+    if second in ups and first not in ups:
+        return second, ups[1] if ups[0] is second else ups[0]
+    return ups[0], None
+
+
+def _ops_between(product: fx.Node, gate: fx.Node) -> list[str]:
+    """The activation ops from ``gate`` up to the gated product (its operand on the gate's side)."""
+    for arg in product.all_input_nodes:
+        ops, node = [], _unviewed(arg)
+        while node is not gate and op_name(node) in _ELEMENTWISE and node.all_input_nodes:
+            if op_name(node) not in ("reshape", "alias", "dropout"):
+                ops.append(_activation_name(node))
+            node = _unviewed(node.all_input_nodes[0])
+        if node is gate:
+            return ops[::-1]
+    return ["unknown"]
+
+
+def _activation(ops: list[str]) -> str:
+    """'relu' for a bare ReLU, else the distinct ops between the projections ('silu', 'add+mul+pow+tanh', ...)."""
+    return "+".join(sorted(set(ops))) or "identity"
+
+
+def _activation_name(node: fx.Node) -> str:
+    name = op_name(node)
+    return str(getattr(node.target, "__name__", node.target)) if name == "activation" else name
+
+
+def _unviewed(node: fx.Node) -> fx.Node:
+    while op_name(node) in ("reshape", "alias") and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _width(projection: fx.Node) -> int | None:
+    """The static output width of ``projection`` (its value's last dimension)."""
+    shape = shape_of(projection)
+    return static_int(shape[-1]) if shape else None
