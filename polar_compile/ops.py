@@ -13,9 +13,19 @@ in descending score, ties to the lower index.
 ``k`` and cost threshold, then removes it. Outside the polar backend it is that copy (one ``[B, 1, hidden]`` row per
 layer and decode step).
 
-On CUDA route and select_attention run Triton kernels (``kernels/``, launched through ``wrap_triton``: ``triton_op`` lets Inductor and
-AOTInductor trace into them; the polar backend keeps them opaque, see ``backend.compile_graph``); elsewhere they run
-their ``*_reference`` functions, plain PyTorch math.
+The sparse MLP (ReLU and gated-ReLU MLPs) selects one neuron set for all N rows (tokens) of a decode step:
+
+    polar::mlp_route(x, w_in, w_out, k)  the k neurons n of largest sum_rows relu((x @ w_in^T) @ w_out^T)[row, n],
+                                         int64 [k] in ascending index order
+    polar::gather_up(x, w, b, idx)       relu(x @ w[idx]^T + b[idx])                                        [N, k]
+    polar::gather_gated_up(x, w_gate, b_gate, w_up, b_up, idx)
+                                         relu(x @ w_gate[idx]^T + b_gate[idx]) * (x @ w_up[idx]^T + b_up[idx])
+    polar::gather_down(h, w_t, b, idx)   h @ w_t[idx] + b   (w_t [ffn, d_out]: the down weight, transposed)
+
+On CUDA route, select_attention and the gather ops run Triton kernels (``kernels/``, launched through
+``wrap_triton``: ``triton_op`` lets Inductor and AOTInductor trace into them; the polar backend keeps them opaque,
+see ``backend.compile_graph``); mlp_route runs cuBLAS and a sort. Elsewhere each op runs its ``*_reference``
+function, plain PyTorch math.
 """
 
 from __future__ import annotations
@@ -26,6 +36,18 @@ from torch import Tensor
 __all__ = [
     "SUPPORTED_DTYPES",
     "layer_router",
+    "check_gather_down_args",
+    "check_gather_gated_up_args",
+    "check_gather_up_args",
+    "check_mlp_route_args",
+    "gather_down",
+    "gather_down_reference",
+    "gather_gated_up",
+    "gather_gated_up_reference",
+    "gather_up",
+    "gather_up_reference",
+    "mlp_route",
+    "mlp_route_reference",
     "check_route_args",
     "check_select_attention_args",
     "route",
@@ -173,3 +195,190 @@ def layer_router(hidden: Tensor, weight: Tensor, bias: Tensor, layer: int, k: in
 @layer_router.register_fake
 def _(hidden: Tensor, weight: Tensor, bias: Tensor, layer: int, k: int, min_saved_bytes: int) -> Tensor:
     return torch.empty_like(hidden)
+
+
+# --- The sparse MLP ------------------------------------------------------------------------------------------------
+
+
+def _check_operands(op: str, tensors: dict[str, Tensor]) -> None:
+    """The first tensor's dtype is supported; every other tensor has its dtype and device."""
+    (first, lead), *others = tensors.items()
+    if lead.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{op}: expected {first} of dtype float16, bfloat16 or float32, got {lead.dtype}")
+    for name, tensor in others:
+        if tensor.dtype != lead.dtype:
+            raise ValueError(f"{op}: expected {name} of {first}'s dtype {lead.dtype}, got {tensor.dtype}")
+        if tensor.device != lead.device:
+            raise ValueError(f"{op}: expected {name} on {first}'s device {lead.device}, got {tensor.device}")
+
+
+def _check_idx(op: str, idx: Tensor, device: torch.device) -> None:
+    if idx.dim() != 1 or idx.shape[0] < 1 or idx.dtype != torch.int64:
+        raise ValueError(f"{op}: expected idx int64 [k] with k >= 1, got {tuple(idx.shape)} {idx.dtype}")
+    if idx.device != device:
+        raise ValueError(f"{op}: expected idx on device {device}, got {idx.device}")
+
+
+def check_mlp_route_args(x: Tensor, w_in: Tensor, w_out: Tensor, k: int) -> None:
+    """Raise ``ValueError`` naming the argument, the expected and the actual when the router's inputs are malformed."""
+    if x.dim() < 1 or w_in.dim() != 2 or w_in.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"mlp_route: expected x [..., hidden] and w_in [r, hidden], got {tuple(x.shape)} and {tuple(w_in.shape)}"
+        )
+    if w_out.dim() != 2 or w_out.shape[1] != w_in.shape[0]:
+        raise ValueError(f"mlp_route: expected w_out [ffn, r={w_in.shape[0]}], got {tuple(w_out.shape)}")
+    _check_operands("mlp_route", {"x": x, "w_in": w_in, "w_out": w_out})
+    if not 1 <= k <= w_out.shape[0]:
+        raise ValueError(f"mlp_route: k must be in [1, {w_out.shape[0]}] (the number of neurons), got {k}")
+
+
+def _top_k_ascending(scores: Tensor, k: int) -> Tensor:
+    """The indices of the ``k`` largest fp32 ``scores`` [ffn] in ascending order; ties to the lower index, NaN
+    lowest."""
+    # + 0.0 turns -0.0 into +0.0: a radix sort (CUDA) orders -0.0 below +0.0, and the two must tie
+    scores = scores.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf")) + 0.0
+    best = torch.sort(scores, descending=True, stable=True).indices[:k]
+    return torch.sort(best).values
+
+
+def mlp_route_reference(x: Tensor, w_in: Tensor, w_out: Tensor, k: int) -> Tensor:
+    """The MLP router in plain PyTorch: fp32 products, the rank-r activation rounded to x's dtype between them
+    (as the CUDA path's cuBLAS GEMM in x's dtype does), fp32 sum of the ReLU scores over rows, top k."""
+    rows = x.reshape(-1, x.shape[-1]).float()  # [N, hidden]
+    low = (rows @ w_in.float().T).to(x.dtype).float()  # [N, r]
+    scores = torch.relu(low @ w_out.float().T).sum(0)  # [ffn]
+    return _top_k_ascending(scores, k)
+
+
+@torch.library.custom_op("polar::mlp_route", mutates_args=())
+def mlp_route(x: Tensor, w_in: Tensor, w_out: Tensor, k: int) -> Tensor:
+    """The ``k`` neurons of largest ``sum_rows relu((x @ w_in.T) @ w_out.T)``, one set for all rows of ``x``
+    (int64 ``[k]``, ascending index order for the gathers' memory locality)."""
+    check_mlp_route_args(x, w_in, w_out, k)
+    if x.device.type != "cuda" or x.dtype == torch.float32:
+        return mlp_route_reference(x, w_in, w_out, k)
+    # cuBLAS: fp16/bf16 operands, fp32 accumulation; the fp32 output of mm(out_dtype=) (torch >= 2.8) spares an
+    # fp32 copy of w_out [ffn, r] per call
+    low = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), w_in)  # [N, r] in x's dtype
+    scores = torch.relu(torch.mm(low, w_out.T, out_dtype=torch.float32)).sum(0)  # [ffn] fp32
+    return _top_k_ascending(scores, k)
+
+
+@mlp_route.register_fake
+def _(x: Tensor, w_in: Tensor, w_out: Tensor, k: int) -> Tensor:
+    check_mlp_route_args(x, w_in, w_out, k)
+    return x.new_empty((k,), dtype=torch.int64)
+
+
+def _check_up(op: str, x: Tensor, idx: Tensor, w_name: str, w: Tensor, b_name: str, b: Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{op}: expected x [N, d], got {tuple(x.shape)}")
+    if w.dim() != 2 or w.shape[1] != x.shape[1]:
+        raise ValueError(f"{op}: expected {w_name} [ffn, d={x.shape[1]}], got {tuple(w.shape)}")
+    if b.shape != (w.shape[0],):
+        raise ValueError(f"{op}: expected {b_name} [ffn={w.shape[0]}], got {tuple(b.shape)}")
+    _check_operands(op, {"x": x, w_name: w, b_name: b})
+    _check_idx(op, idx, x.device)
+
+
+def check_gather_up_args(x: Tensor, w: Tensor, b: Tensor, idx: Tensor) -> None:
+    """Raise ``ValueError`` naming the argument, the expected and the actual when gather_up's inputs are malformed."""
+    _check_up("gather_up", x, idx, "w", w, "b", b)
+
+
+def gather_up_reference(x: Tensor, w: Tensor, b: Tensor, idx: Tensor) -> Tensor:
+    """``relu(x @ w[idx].T + b[idx])`` in plain PyTorch, fp32, in x's dtype."""
+    return torch.relu(torch.nn.functional.linear(x.float(), w[idx].float(), b[idx].float())).to(x.dtype)
+
+
+@torch.library.triton_op("polar::gather_up", mutates_args=())
+def gather_up(x: Tensor, w: Tensor, b: Tensor, idx: Tensor) -> Tensor:
+    """The MLP's up projection + ReLU for the neurons ``idx`` only: ``relu(x @ w[idx].T + b[idx])``, ``[N, k]``."""
+    check_gather_up_args(x, w, b, idx)
+    if x.device.type == "cuda":
+        from .kernels.gather_gemm import gather_up_triton
+
+        return gather_up_triton(x, w, b, idx)
+    return gather_up_reference(x, w, b, idx)
+
+
+@gather_up.register_fake
+def _(x: Tensor, w: Tensor, b: Tensor, idx: Tensor) -> Tensor:
+    check_gather_up_args(x, w, b, idx)
+    return x.new_empty((x.shape[0], idx.shape[0]))
+
+
+def check_gather_gated_up_args(
+    x: Tensor, w_gate: Tensor, b_gate: Tensor, w_up: Tensor, b_up: Tensor, idx: Tensor
+) -> None:
+    """Raise ``ValueError`` naming the argument, the expected and the actual when gather_gated_up's inputs are
+    malformed."""
+    _check_up("gather_gated_up", x, idx, "w_gate", w_gate, "b_gate", b_gate)
+    _check_up("gather_gated_up", x, idx, "w_up", w_up, "b_up", b_up)
+    if w_up.shape != w_gate.shape:
+        raise ValueError(
+            f"gather_gated_up: expected w_up of w_gate's shape {tuple(w_gate.shape)}, got {tuple(w_up.shape)}"
+        )
+
+
+def gather_gated_up_reference(
+    x: Tensor, w_gate: Tensor, b_gate: Tensor, w_up: Tensor, b_up: Tensor, idx: Tensor
+) -> Tensor:
+    """``relu(x @ w_gate[idx].T + b_gate[idx]) * (x @ w_up[idx].T + b_up[idx])`` in plain PyTorch, fp32, in x's
+    dtype."""
+    gate = torch.nn.functional.linear(x.float(), w_gate[idx].float(), b_gate[idx].float())
+    up = torch.nn.functional.linear(x.float(), w_up[idx].float(), b_up[idx].float())
+    return (torch.relu(gate) * up).to(x.dtype)
+
+
+@torch.library.triton_op("polar::gather_gated_up", mutates_args=())
+def gather_gated_up(x: Tensor, w_gate: Tensor, b_gate: Tensor, w_up: Tensor, b_up: Tensor, idx: Tensor) -> Tensor:
+    """A gated-ReLU MLP's gate and up projections for the neurons ``idx`` only, multiplied: ``[N, k]``."""
+    check_gather_gated_up_args(x, w_gate, b_gate, w_up, b_up, idx)
+    if x.device.type == "cuda":
+        from .kernels.gather_gemm import gather_up_triton
+
+        return gather_up_triton(x, w_gate, b_gate, idx, w_up, b_up)
+    return gather_gated_up_reference(x, w_gate, b_gate, w_up, b_up, idx)
+
+
+@gather_gated_up.register_fake
+def _(x: Tensor, w_gate: Tensor, b_gate: Tensor, w_up: Tensor, b_up: Tensor, idx: Tensor) -> Tensor:
+    check_gather_gated_up_args(x, w_gate, b_gate, w_up, b_up, idx)
+    return x.new_empty((x.shape[0], idx.shape[0]))
+
+
+def check_gather_down_args(h: Tensor, w_t: Tensor, b: Tensor, idx: Tensor) -> None:
+    """Raise ``ValueError`` naming the argument, the expected and the actual when gather_down's inputs are
+    malformed."""
+    _check_idx("gather_down", idx, h.device)
+    if h.dim() != 2 or h.shape[1] != idx.shape[0]:
+        raise ValueError(f"gather_down: expected h [N, k={idx.shape[0]}] (a column per index), got {tuple(h.shape)}")
+    if w_t.dim() != 2:
+        raise ValueError(f"gather_down: expected w_t [ffn, d_out], got {tuple(w_t.shape)}")
+    if b.shape != (w_t.shape[1],):
+        raise ValueError(f"gather_down: expected b [d_out={w_t.shape[1]}], got {tuple(b.shape)}")
+    _check_operands("gather_down", {"h": h, "w_t": w_t, "b": b})
+
+
+def gather_down_reference(h: Tensor, w_t: Tensor, b: Tensor, idx: Tensor) -> Tensor:
+    """``h @ w_t[idx] + b`` in plain PyTorch, fp32, in h's dtype."""
+    return torch.addmm(b.float(), h.float(), w_t[idx].float()).to(h.dtype)
+
+
+@torch.library.triton_op("polar::gather_down", mutates_args=())
+def gather_down(h: Tensor, w_t: Tensor, b: Tensor, idx: Tensor) -> Tensor:
+    """The MLP's down projection over the neurons ``idx`` only: ``h @ w_t[idx] + b``, ``[N, d_out]`` (``w_t``: the
+    down weight transposed, contiguous, so each selected neuron's row is one read)."""
+    check_gather_down_args(h, w_t, b, idx)
+    if h.device.type == "cuda":
+        from .kernels.gather_gemm import gather_down_triton
+
+        return gather_down_triton(h, w_t, b, idx)
+    return gather_down_reference(h, w_t, b, idx)
+
+
+@gather_down.register_fake
+def _(h: Tensor, w_t: Tensor, b: Tensor, idx: Tensor) -> Tensor:
+    check_gather_down_args(h, w_t, b, idx)
+    return h.new_empty((h.shape[0], w_t.shape[1]))
