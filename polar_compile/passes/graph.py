@@ -45,6 +45,9 @@ _FUNCTION_TARGETS: dict[str, tuple[Any, ...]] = {
     "pow": (operator.pow, torch.pow, torch.Tensor.pow, aten.pow.Tensor_Scalar),
     "dropout": (F.dropout, aten.dropout.default),
     "getitem": (operator.getitem,),
+    "cat": (torch.cat, aten.cat.default),
+    "transpose": (torch.transpose, torch.Tensor.transpose, aten.transpose.int, torch.permute, torch.Tensor.permute,
+                  aten.permute.default),
     "slice": (aten.slice.Tensor,),
     "alias": (aten.alias.default, torch.Tensor.contiguous, aten.contiguous.default, aten.clone.default),
     # in-place writes into a tensor (KV-cache updates); the written value is the last tensor argument
@@ -66,6 +69,8 @@ _METHOD_NAMES: dict[str, str] = {
     "contiguous": "alias",
     "softmax": "softmax",
     "relu": "relu",
+    "transpose": "transpose",
+    "permute": "transpose",
     "mul": "mul",
     "add": "add",
     "pow": "pow",

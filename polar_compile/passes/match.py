@@ -157,7 +157,12 @@ def _why_not_owned(site: AttentionSite) -> str | None:
     for name, cache in (("key", site.key_cache), ("value", site.value_cache)):
         if not _is_own_kv(cache, site):
             return (f"{name} is not {site.module}'s own self-attention K/V (not computed or written in this graph "
-                    "from its projection of the router input): cross-attention or an outside cache")
+                    "from its projection of the router input): cross-attention, an outside cache, or K/V from "
+                    "another input (such as a latent projection)")
+    mixing = _op_mixing_heads(site)
+    if mixing is not None:
+        return (f"{mixing} acts on the attention output between SDPA and the output projection (only reshapes and "
+                "head-wise scalings may: else zeroing unselected heads at SDPA is not zeroing them there)")
     return None
 
 
@@ -167,6 +172,8 @@ def _why_not_decode(site: AttentionSite, args: dict, v_shape: tuple) -> str | No
         return "query length is dynamic"
     if site.query_len != 1:
         return f"prefill (query length {site.query_len}); only decode steps are rewritten"
+    if not _reads_a_cache(site.key_cache, site.module):
+        return "K/V are computed in this step, not read from a KV cache (an encoder's attention): no past to skip"
     if args["is_causal"] is not False:
         return f"is_causal={args['is_causal']} with a single query"
     if isinstance(args["dropout_p"], fx.Node):
@@ -237,6 +244,35 @@ def _written_into(node: fx.Node, owner: str, depth: int = 2) -> list[fx.Node]:
                 if depth > 1:
                     values += _written_into(value, owner, depth - 1)
     return values
+
+
+def _reads_a_cache(cache: fx.Node, owner: str) -> bool:
+    """True when ``cache`` holds past K/V: a tensor written in place in this graph (static cache) or a
+    concatenation with earlier K/V (dynamic cache)."""
+    return bool(_written_into(cache, owner)) or op_name(cache) == "cat"
+
+
+# Ops between SDPA and the output projection that keep each head's values apart (zeros stay zeros).
+_HEADWISE = ("reshape", "alias", "transpose", "mul", "dropout", "getitem")
+_OUTPUT_SEARCH_LIMIT = 16
+
+
+def _op_mixing_heads(site: AttentionSite) -> str | None:
+    """The first op on the way from SDPA to the owner's output projection that may turn an unselected head's zeros
+    into something else (a norm over all heads, as BitNet's ``attn_sub_norm``; a sum), or None."""
+    frontier, seen = [site.sdpa], {site.sdpa}
+    while frontier and len(seen) < _OUTPUT_SEARCH_LIMIT:
+        node = frontier.pop(0)
+        for user in node.users:
+            if user in seen or not is_within(user, site.module):
+                continue
+            seen.add(user)
+            if is_projection(user):
+                continue
+            if op_name(user) not in _HEADWISE:
+                return str(getattr(user.target, "__name__", user.target))
+            frontier.append(user)
+    return None
 
 
 def _input_of(projection: fx.Node) -> fx.Node | None:

@@ -61,11 +61,11 @@ def assign_routers(gm: fx.GraphModule, sites: list[AttentionSite], config: Polar
         if isinstance(router, SiteRouter):
             sharing[router.owner].append(site)
     for group in sharing.values():
-        if len(group) > 1:
-            modules = ", ".join(site.module for site in group)
+        modules = sorted({site.module for site in group})
+        if len(modules) > 1:  # one module called twice (e.g. a batch for guidance) uses its router each time
             for site in group:
-                found[site] = (f"{len(group)} attention sites ({modules}) in layer {found[site].layer}, and a bank "
-                               "holds one router per layer")
+                found[site] = (f"{len(modules)} attention modules ({', '.join(modules)}) in layer "
+                               f"{found[site].layer}, and a bank holds one router per layer")
     return found
 
 

@@ -221,13 +221,24 @@ def test_layer_without_router_stays_dense_options_and_attached():
         polar_compile.detach(model)
 
 
-def test_two_sdpa_calls_in_one_layer_share_its_router():
+def test_two_attention_modules_in_one_layer_share_its_router():
+    model, inputs = ToyModel(SPEC, Knobs(two_modules=True)), decode_inputs(SPEC)
+    routers = bank(model)
+    report = explained(model, routers, inputs)
+    pairs = {i: f"{attn(i)}, {attn(i)}_2" for i in (0, 1)}
+    assert reasons(report.sites) == [
+        (i, module, f"2 attention modules ({pairs[i]}) in layer {i}, and a bank holds one router per layer")
+        for i in (0, 1) for module in (attn(i), f"{attn(i)}_2")]
+    check_numbers(model, routers, report, inputs)
+
+
+def test_two_sdpa_calls_added_in_one_module_stay_dense():
+    """Their sum is not head-wise zero for an unselected head unless both calls are gated: kept dense, like any op
+    other than reshapes and scalings between SDPA and the output projection."""
     model, inputs = ToyModel(SPEC, Knobs(two_calls=True)), decode_inputs(SPEC)
     routers = bank(model)
     report = explained(model, routers, inputs)
-    assert reasons(report.sites) == [
-        (i, attn(i), f"2 attention sites ({attn(i)}, {attn(i)}) in layer {i}, and a bank holds one router per layer")
-        for i in (0, 0, 1, 1)]
+    assert [(s.layer, s.reason.split(" acts on")[0]) for s in report.sites] == [(i, "add") for i in (0, 0, 1, 1)]
     check_numbers(model, routers, report, inputs)
 
 

@@ -3,10 +3,11 @@ layers keep being routed once their window cache rolls."""
 
 import pytest
 import torch
+import transformers
 
 import polar_compile
 from polar_compile.testing import random_routers
-from tests.models import TinySpec
+from tests.models import DecodeDriver, TinySpec, gated_heads, tiny_model
 from tests.seq2seq import PER_HEAD_MASK_FAMILIES, Seq2SeqDecodeDriver, tiny_seq2seq
 from tests.sliding import MultiStepDriver, tiny_sliding_model
 
@@ -87,3 +88,61 @@ def test_encoder_decoder_attach_routes_the_decoder_layers():
     step = torch.compile(model.forward, backend="polar", options={"inductor": False}, fullgraph=True)
     for actual, want in zip(driver.run(step), expected, strict=True):
         torch.testing.assert_close(actual, want, atol=2e-5, rtol=1e-4)
+
+
+def test_encoder_attention_without_a_cache_is_not_routed_by_an_options_bank():
+    """A one-token source makes the encoder's self-attention look like a decode step: with no KV cache to read it
+    stays dense (it used to take the decoder's routers of the same layer index)."""
+    model = tiny_seq2seq("bart", layers=LAYERS, seed=8)
+    bank = random_routers(model, seed=8)
+    generator = torch.Generator().manual_seed(8)
+    inputs = dict(input_ids=torch.randint(3, 50, (2, 1), generator=generator),
+                  decoder_input_ids=torch.randint(3, 50, (2, 1), generator=generator), use_cache=False)
+    report = polar_compile.explain(model, options={"routers": bank, "density": 0.5}, **inputs)
+    encoder = [s for s in report.sites if ".encoder." in s.module]
+    assert encoder and not report.rewritten
+    assert all(s.reason.startswith("K/V are computed in this step, not read from a KV cache") for s in encoder)
+    torch._dynamo.reset()
+    step = torch.compile(model.forward, backend=polar_steps(bank, 0.5), fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(step(**inputs).logits, model(**inputs).logits)
+
+
+def test_a_norm_between_attention_and_its_output_projection_keeps_the_site_dense():
+    """BitNet normalizes the attention output over all heads (attn_sub_norm) before o_proj."""
+    config = transformers.BitNetConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(9)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    bank = random_routers(model, seed=9)
+    driver = MultiStepDriver(model, batch=2, prompt_len=3, max_cache_len=8, steps=2, seed=9)
+    report = polar_compile.explain(model, options={"routers": bank, "density": 0.5},
+                                   **driver.decode_inputs(driver.prefill()))
+    assert not report.rewritten
+    assert all("acts on the attention output between SDPA and the output projection" in s.reason
+               for s in report.dense[1:])
+    torch._dynamo.reset()
+    step = torch.compile(model.forward, backend=polar_steps(bank, 0.5), fullgraph=True)
+    for actual, want in zip(driver.run(step), driver.run(model), strict=True):
+        torch.testing.assert_close(actual, want, atol=2e-5, rtol=1e-4)
+
+
+def test_a_model_called_twice_in_one_graph_routes_both_calls():
+    """E.g. classifier-free guidance: two calls of one attention module use its router each time."""
+    model = tiny_model(TinySpec("llama", heads=4, kv_heads=2, head_dim=8, layers=LAYERS), seed=10)
+    bank = random_routers(model, seed=10)
+    first = DecodeDriver(model, batch=2, prompt_len=3, max_cache_len=8, seed=10)
+    second = DecodeDriver(model, batch=2, prompt_len=3, max_cache_len=8, seed=11)
+
+    def guided(a, b):
+        return model(**a).logits - model(**b).logits
+
+    polar_compile.attach(model, bank, density=0.5)
+    step = torch.compile(guided, backend="polar", options={"inductor": False}, fullgraph=True)
+    with torch.no_grad():
+        actual = step(first.decode_inputs(first.prefill()), second.decode_inputs(second.prefill()))
+    polar_compile.detach(model)
+    with gated_heads(model, bank, 0.5), torch.no_grad():
+        expected = guided(first.decode_inputs(first.prefill()), second.decode_inputs(second.prefill()))
+    torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4)

@@ -39,6 +39,7 @@ class Knobs:
     query_from_input: bool = False  # SDPA's query is the forward's `query` argument (no projection in the module)
     value_head_dim: int | None = None  # v_proj/o_proj of another head_dim than the keys'
     two_calls: bool = False  # a second SDPA call in the same module (its output added)
+    two_modules: bool = False  # a second attention module in each layer (`self_attn_2`, its own cache)
     scale_from_shape: bool = False  # scale=key.shape[-2], an int in the graph
     dropout_from_attribute: bool = False  # dropout_p=self.dropout (0.0): a graph input when compiled dynamic
     external_cache: bool = False  # K/V cache tensors come from the forward's `cache` argument (as HF's StaticCache)
@@ -170,9 +171,11 @@ class ToyLayer(nn.Module):
         super().__init__()
         self.norm = RMSNorm(spec.hidden)
         self.self_attn = ToyAttention(spec, knobs)
+        self.self_attn_2 = ToyAttention(spec, knobs) if knobs.two_modules else None
 
     def forward(self, x: Tensor, pos: Tensor, mask: Tensor | None, **kwargs) -> Tensor:
-        return x + self.self_attn(self.norm(x), pos, mask, **kwargs)
+        out = x + self.self_attn(self.norm(x), pos, mask, **kwargs)
+        return out if self.self_attn_2 is None else out + self.self_attn_2(self.norm(x), pos, mask, **kwargs)
 
 
 class ToyModel(nn.Module):
