@@ -124,6 +124,11 @@ class PolarConfig:
     def layer_density(self, layer: int) -> float:
         """The density that layer ``layer`` runs at."""
         if isinstance(self.density, tuple):
+            if not 0 <= layer < len(self.density):
+                raise PolarOptionError(
+                    f"density has {len(self.density)} per-layer entries, but the graph routes layer {layer}: give "
+                    "one density per layer of the model"
+                )
             return self.density[layer]
         if self.density is not None:
             return self.density

@@ -99,3 +99,18 @@ def test_backend_module_is_not_hidden_and_the_old_factory_name_warns():
     expected = decode(model, polar_compile.make_backend(bank, 0.5, inductor=False), driver)
     torch._dynamo.reset()
     torch.testing.assert_close(decode(model, old, driver), expected, atol=0, rtol=0)
+
+
+def test_a_step_compiled_with_autograd_recording_stays_dense_and_says_why():
+    """The polar ops have no backward: with grad mode on (no torch.no_grad()) the graph stays dense, with a warning,
+    instead of failing in AOTAutograd."""
+    model = tiny_model(TinySpec("llama", heads=4, kv_heads=2, head_dim=8, layers=2), seed=5)
+    driver = DecodeDriver(model, batch=2, prompt_len=3, max_cache_len=8, seed=5)
+    step = torch.compile(model.forward, backend="polar", fullgraph=True,
+                         options={"routers": random_routers(model, seed=5), "density": 0.5})
+    with pytest.warns(UserWarning, match=r"every site stays dense: autograd is recording this step .* "
+                                         r"torch\.no_grad\(\) or torch\.inference_mode\(\)"):
+        actual = step(**driver.decode_inputs(driver.prefill())).logits
+    with torch.no_grad():
+        expected = model(**driver.decode_inputs(driver.prefill())).logits
+    torch.testing.assert_close(actual.detach(), expected, atol=2e-5, rtol=1e-4)

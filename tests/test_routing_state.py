@@ -170,3 +170,13 @@ def test_generate_follows_reattach_and_a_second_model():
     deeper = random_routers(tiny_model(TinySpec("llama", heads=4, kv_heads=4, head_dim=8, layers=4)))
     with pytest.raises(Exception, match=r"router bank is for a model of 4 layers, this graph's decoder"):
         models[0].generate(**kwargs, compile_config=options_config(deeper))
+
+
+def test_an_options_density_list_shorter_than_the_attached_layers_is_refused_naming_it():
+    model = tiny_model(SPEC, seed=11)
+    driver = DecodeDriver(model, batch=2, prompt_len=4, max_cache_len=8, seed=11)
+    polar_compile.attach(model, random_routers(model, seed=11), density=0.5)
+    step = torch.compile(model.forward, backend="polar", fullgraph=True,
+                         options={"density": [0.5], "inductor": False})
+    with pytest.raises(Exception, match=r"density has 1 per-layer entries, but the graph routes layer 1"):
+        run(step, driver)

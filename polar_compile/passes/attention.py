@@ -38,6 +38,10 @@ NOT_SDPA_NOTE = (
 )
 
 
+GRAD_REASON = ("autograd is recording this step (the query requires grad), and the polar ops are inference-only: "
+               "run it under torch.no_grad() or torch.inference_mode()")
+
+
 class AttentionPass:
     """Rewrites decode attention into router-gated selective attention (see the module docstring)."""
 
@@ -58,6 +62,8 @@ class AttentionPass:
             if reason is None:
                 self._rewrite(gm, site, router)
             record.sites.append(SiteRecord.of(self.name, site, kept=None if reason else router.k, reason=reason))
+            if reason == GRAD_REASON:
+                record.note = f"every site stays dense: {GRAD_REASON}"
         if record.rewritten:
             gm.graph.lint()
             gm.recompile()
@@ -71,6 +77,8 @@ class AttentionPass:
                 f"layer {site.layer} ({site.module}): router weight is {list(actual)}, the graph needs "
                 f"{list(expected)} ({site.num_kv_heads} KV heads or heads x hidden {site.hidden_size})"
             )
+        if fake_value(site.query).requires_grad:
+            return GRAD_REASON
         if site.num_kv_heads == 1:
             return "one KV head (multi-query): every query head reads the same K/V, so there is nothing to select"
         dtype = fake_value(site.query).dtype
