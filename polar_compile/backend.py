@@ -30,7 +30,7 @@ import torch
 from torch import fx
 
 from . import ops  # noqa: F401  (registers the polar:: ops the rewritten graph calls)
-from .config import PolarConfig
+from .config import PolarConfig, PolarOptionError
 from .passes.manager import run_passes
 from .passes.match import find_attention_sites
 from .passes.records import PassRecord
@@ -89,6 +89,15 @@ def polar_backend(
     options: dict[str, Any] | None = None,
 ) -> Callable[..., Any]:
     """The Dynamo backend behind ``torch.compile(..., backend="polar", mode=..., options=...)``."""
+    routers = (options or {}).get("routers")
+    if isinstance(routers, (str, Path)):
+        # torch.compile reuses a graph whenever the options compare equal, and a path stays equal when its files
+        # change: a bank calibrated again into the same directory would silently not be used.
+        raise PolarOptionError(
+            f"options['routers'] must be a RouterBank (polar_compile.RouterBank.load(directory)), got the path "
+            f"{str(routers)!r}: torch.compile reuses a compiled graph while its options compare equal, and a path "
+            "compares equal after its files change"
+        )
     return compile_graph(gm, example_inputs, PolarConfig.from_options(options), mode)
 
 

@@ -128,7 +128,8 @@ class RouterBank:
 
     ``weights[i]`` is ``[units, hidden]`` and ``biases[i]`` is ``[units]`` for each routed layer ``i``, floating
     point and finite; ``densities[i]`` is the fraction of units kept in layer ``i`` when the compile options give
-    none. Banks compare by identity (Dynamo compares compile options; tensors have no single truth value).
+    none. Banks compare by identity (Dynamo compares compile options; tensors have no single truth value), so a
+    bank is a value: a graph compiled with it keeps what it held; build a new bank rather than changing one in place.
     Construction raises :class:`RouterBankError` naming the first malformed entry.
     """
 

@@ -180,3 +180,15 @@ def test_an_options_density_list_shorter_than_the_attached_layers_is_refused_nam
                          options={"density": [0.5], "inductor": False})
     with pytest.raises(Exception, match=r"density has 1 per-layer entries, but the graph routes layer 1"):
         run(step, driver)
+
+
+def test_a_router_directory_in_torch_compile_options_is_refused(tmp_path):
+    """A path compares equal after its files change, so torch.compile would reuse a graph of the old bank."""
+    model = tiny_model(SPEC, seed=12)
+    driver = DecodeDriver(model, batch=2, prompt_len=4, max_cache_len=8, seed=12)
+    random_routers(model, seed=12).save(tmp_path)
+    step = torch.compile(model.forward, backend="polar", fullgraph=True,
+                         options={"routers": str(tmp_path), "inductor": False})
+    with pytest.raises(Exception, match=r"options\['routers'\] must be a RouterBank .* a path compares equal after "
+                                        r"its files change"):
+        run(step, driver)
