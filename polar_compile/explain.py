@@ -76,6 +76,12 @@ def explain(model: nn.Module | Callable[..., Any], *example_args: Any, options: 
     def recording_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         return compile_graph(gm, example_inputs, config, records=graphs)
 
-    with torch.no_grad():
-        torch.compile(model, backend=recording_backend, dynamic=False)(*example_args, **example_kwargs)
+    target = model
+    if isinstance(model, nn.Module):
+        original = torch._dynamo.eval_frame.innermost_fn(model.forward)
+        if original is not model.forward:  # `model.forward = torch.compile(model.forward, ...)`: trace the original
+            target = original
+    # every explain compiles anew: without room, a model compiled in many variants would report 0 graphs
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit)):
+        torch.compile(target, backend=recording_backend, dynamic=False)(*example_args, **example_kwargs)
     return ExplainReport(graphs)

@@ -122,7 +122,7 @@ def test_a_model_without_sdpa_attention_is_a_clear_error():
     with pytest.raises(InstrumentError, match=(
         r"^LlamaForCausalLM \(model_type 'llama'\) has no attention the matcher can route: it routes "
         r"scaled_dot_product_attention calls owned by a decoder layer's attention module, and its graph has no "
-        r"scaled_dot_product_attention call but a softmax: .* attn_implementation='sdpa'")):
+        r"scaled_dot_product_attention call but a softmax or flex_attention: .* attn_implementation='sdpa'")):
         calibrate(model, random_windows(4, 8), seq_len=8, progress=False)
 
 

@@ -33,9 +33,11 @@ from .routing import SiteRouter, assign_routers
 __all__ = ["AttentionPass"]
 
 NOT_SDPA_NOTE = (
-    "no scaled_dot_product_attention call but a softmax: attention that does not go through SDPA (such as HF's "
-    "eager attention) stays dense; load the model with attn_implementation='sdpa' where it supports it"
+    "no scaled_dot_product_attention call but a softmax or flex_attention: attention that does not go through SDPA "
+    "(such as HF's eager or flex attention) stays dense; load the model with attn_implementation='sdpa' where it "
+    "supports it"
 )
+_FLEX_ATTENTION = getattr(torch.ops.higher_order, "flex_attention", None)
 
 
 GRAD_REASON = ("autograd is recording this step (the query requires grad), and the polar ops are inference-only: "
@@ -53,7 +55,7 @@ class AttentionPass:
     def __call__(self, gm: fx.GraphModule) -> PassRecord:
         record = PassRecord(self.name)
         sites = find_attention_sites(gm)
-        if not sites and any(op_name(node) == "softmax" for node in gm.graph.nodes):
+        if not sites and any(op_name(node) == "softmax" or node.target is _FLEX_ATTENTION for node in gm.graph.nodes):
             record.note = NOT_SDPA_NOTE
         routers = assign_routers(gm, sites, self.config)
         for site in sites:

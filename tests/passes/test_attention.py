@@ -243,3 +243,23 @@ def test_half_precision_models_match_the_hook_reference(dtype, tolerance, path):
     with torch.no_grad():
         dense = model(**driver.decode_inputs(driver.prefill())).logits
     assert (actual.float() - dense.float()).abs().max() > 10 * tolerance
+
+
+def test_explain_sees_through_a_forward_that_is_already_compiled():
+    """The README's ``model.forward = torch.compile(model.forward, ...)``: explain traces the original forward."""
+    model = tiny_model(TinySpec("llama", heads=4, kv_heads=2, head_dim=8, layers=3), seed=12)
+    bank = random_routers(model, seed=12)
+    driver = DecodeDriver(model, batch=2, prompt_len=4, max_cache_len=10, seed=12)
+    model.forward = torch.compile(model.forward, backend=polar_compile.make_backend(bank, 0.5, inductor=False))
+    report = polar_compile.explain(model, options={"routers": bank, "density": 0.5},
+                                   **driver.decode_inputs(driver.prefill()))
+    assert [s.layer for s in report.rewritten] == [1, 2]
+
+
+def test_flex_attention_stays_dense_with_the_note():
+    model = tiny_model(TinySpec("llama", heads=4, kv_heads=2, head_dim=8, layers=2), seed=13)
+    model.set_attn_implementation("flex_attention")
+    driver = DecodeDriver(model, batch=2, prompt_len=4, max_cache_len=8, seed=13)
+    report = polar_compile.explain(model, options={"routers": random_routers(model)},
+                                   **driver.decode_inputs(driver.prefill()))
+    assert not report.sites and "softmax or flex_attention" in str(report)
