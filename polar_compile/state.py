@@ -95,9 +95,21 @@ def _routed_class(base: type) -> type:
     if base in _ROUTED_CLASSES.values():
         return base
     if base not in _ROUTED_CLASSES:
-        _ROUTED_CLASSES[base] = type(f"Routed{base.__name__}", (base,), {"forward": _routed_forward,
-                                                                          "__module__": __name__})
+        _ROUTED_CLASSES[base] = type(f"Routed{base.__name__}", (base,), {
+            "forward": _routed_forward, "__reduce_ex__": _reduce_routed, "__module__": __name__})
     return _ROUTED_CLASSES[base]
+
+
+def _reduce_routed(self: nn.Module, protocol: int) -> tuple:
+    """Pickle a routed layer by its original class, which pickle can import (``torch.save(model)``, deepcopy); it
+    comes back routed, with its routers."""
+    _, _, *rest = object.__reduce_ex__(self, protocol)  # (copyreg.__newobj__, (cls,), state, ...)
+    return (_new_routed, (type(self).__mro__[1],), *rest)
+
+
+def _new_routed(base: type) -> nn.Module:
+    routed = _routed_class(base)
+    return routed.__new__(routed)
 
 
 def _routed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:

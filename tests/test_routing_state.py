@@ -1,6 +1,8 @@
 """A compiled graph runs only with the routers, density and model it was given: re-attach, detach, other models,
 other options, each against the test's own hook reference, without ``torch._dynamo.reset()`` in between."""
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -192,3 +194,15 @@ def test_a_router_directory_in_torch_compile_options_is_refused(tmp_path):
     with pytest.raises(Exception, match=r"options\['routers'\] must be a RouterBank .* a path compares equal after "
                                         r"its files change"):
         run(step, driver)
+
+
+def test_an_attached_model_survives_torch_save_and_deepcopy_still_routed(tmp_path):
+    model = tiny_model(SPEC, seed=13)
+    bank = random_routers(model, seed=13)
+    polar_compile.attach(model, bank, density=0.5)
+    torch.save(model, tmp_path / "model.pt")
+    for copy_ in (torch.load(tmp_path / "model.pt", weights_only=False), copy.deepcopy(model)):
+        driver = DecodeDriver(copy_, batch=2, prompt_len=4, max_cache_len=8, seed=13)
+        routed = run(polar_step(copy_), driver)
+        polar_compile.detach(copy_)
+        torch.testing.assert_close(routed, reference(copy_, bank, 0.5, driver), atol=2e-5, rtol=1e-4)
