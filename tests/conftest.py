@@ -4,6 +4,11 @@ import pytest
 import torch
 from hypothesis import settings
 
+# Without a GPU, Triton kernels run in its interpreter; the variable must be set before anything imports triton
+# (torch._inductor does), whatever order pytest collects the test files in.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # CI (CI=true) runs a fixed, database-free profile so that a red CI is reproducible; by hand,
 # `HYPOTHESIS_PROFILE=polar-thorough pytest` draws many more examples (tests/budget.py).
 settings.register_profile("polar", deadline=None, derandomize=False, print_blob=True)

@@ -146,7 +146,8 @@ def same_size(a: Any, b: Any) -> bool:
     return bool(statically_known_true(a == b))
 
 
-_DYNAMO_ROOT = re.compile(r"^L\[[^\]]*\](?:\[\d+\])*\.?")  # "L['self']." or "L['args'][0]."
+_DYNAMO_ROOT = re.compile(r"^[LG]\[[^\]]*\](?:\[\d+\])*\.?")  # "L['self'].", "L['args'][0].", "G['model']."
+_DICT_MODULES = re.compile(r"\.?(?:__dict__\[)?'?_modules'?\]?\['([^']+)'\]")  # "__dict__['_modules']['x']" -> ".x"
 _ITEM_INDEX = re.compile(r"(?:\.|\[)(\d+)\]?$")  # a path ending in ".3" or "[3]": an item of a module list
 
 
@@ -157,7 +158,7 @@ def module_stack(node: fx.Node) -> list[str]:
     latter.
     """
     stack = node.meta.get("nn_module_stack") or {}
-    return [_DYNAMO_ROOT.sub("", str(path)) for path, _ in stack.values()]
+    return [_DICT_MODULES.sub(r".\1", _DYNAMO_ROOT.sub("", str(path))).lstrip(".") for path, _ in stack.values()]
 
 
 def module_path(node: fx.Node) -> str:
