@@ -135,7 +135,8 @@ class Case:
 
 
 OWN_KV = ("{name} is not {{module}}'s own self-attention K/V (not computed or written in this graph from its projection "
-          "of the router input): cross-attention or an outside cache")
+          "of the router input): cross-attention, an outside cache, or K/V from another input (such as a latent "
+          "projection)")
 MATCHER_CASES = {
     # _match_site
     "3-D SDPA inputs": Case("query/key shapes unknown or not 4-D [B, H, T, D]", Knobs(three_d=True)),
