@@ -6,13 +6,9 @@ scores are the top k up to a rounding margin, so near-ties do not make the test 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from hypothesis import given, settings

@@ -1,6 +1,6 @@
 """The Triton gather-GEMMs of the sparse MLP against float64 math written here.
 
-Without CUDA the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set before triton is imported),
+Without CUDA the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set by ``conftest.py``),
 so shapes stay tiny. Every call writes into an output poisoned with NaN, so an element the kernels never write
 fails the comparison.
 """
@@ -8,13 +8,10 @@ fails the comparison.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from hypothesis import HealthCheck, given, settings
