@@ -247,9 +247,9 @@ def _written_into(node: fx.Node, owner: str, depth: int = 2) -> list[fx.Node]:
 
 
 def _reads_a_cache(cache: fx.Node, owner: str) -> bool:
-    """True when ``cache`` holds past K/V: a tensor written in place in this graph (static cache) or a
-    concatenation with earlier K/V (dynamic cache)."""
-    return bool(_written_into(cache, owner)) or op_name(cache) == "cat"
+    """True when ``cache`` holds past K/V: a tensor written in place in this graph (static cache; export graphs
+    read the write's result), or a concatenation with earlier K/V (dynamic cache)."""
+    return bool(_written_into(cache, owner)) or op_name(cache) in ("write", "cat")
 
 
 # Ops between SDPA and the output projection that keep each head's values apart (zeros stay zeros).
