@@ -1,0 +1,94 @@
+"""Launch-configuration sweep of the sparse-MLP gather-GEMMs on one GPU: for each case, the heuristic's
+configuration and a grid around it, each timed as ``benchmarks/mlp.py`` times (CUDA-graph replay over rotating fresh
+inputs, medians), to tune ``gather_up_config`` / ``gather_down_config``.
+
+    python benchmarks/mlp_sweep.py [--models opt-6.7b,opt-66b] [--batches 1,16] [--density 0.1] [--out sweep.md]
+"""
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import mlp
+
+from polar_compile.kernels.gather_gemm import (
+    GatherConfig,
+    gather_down_config,
+    gather_down_triton,
+    gather_up_config,
+    gather_up_triton,
+)
+
+GRID = {"block_c": (16, 32, 64), "splits": (1, 2, 4, 8), "num_warps": (4, 8)}
+
+
+def candidates(heuristic: GatherConfig) -> list[GatherConfig]:
+    """The heuristic's configuration first, then the grid with its block_n and block_r."""
+    grid = [heuristic._replace(block_c=c, splits=s, num_warps=w) for c, s, w in itertools.product(*GRID.values())]
+    return [heuristic, *[config for config in grid if config != heuristic]]
+
+
+def timed(call, config: GatherConfig, sets: list) -> float:
+    """Microseconds per call with ``config``; infinity when the configuration does not launch (shared memory)."""
+    try:
+        return mlp.time_us(lambda s: call(s, config), sets)
+    except Exception as error:  # a configuration the GPU cannot run: recorded, not fatal
+        print(f"  {tuple(config)}: {type(error).__name__}", flush=True)
+        return float("inf")
+
+
+def sweep(model: str, batch: int, density: float, log) -> None:
+    d, ffn = mlp.MODELS[model]
+    k = round(density * ffn)
+    sets = mlp.make_sets(d, ffn, torch.bfloat16, min(16, max(2, mlp.ROTATE_BYTES // (2 * k * d * 2))))
+    for s in sets:
+        s["x"] = torch.randn(batch, d, device="cuda", dtype=torch.bfloat16)
+        s["idx"] = torch.randperm(ffn, device="cuda")[:k].sort().values
+        s["h"] = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
+    ops = {
+        "up": (gather_up_config(batch, d, k, False, torch.bfloat16, sets[0]["x"].device),
+               lambda s, c: gather_up_triton(s["x"], s["w1"], s["b1"], s["idx"], config=c)),
+        "down": (gather_down_config(batch, k, d, torch.bfloat16, sets[0]["x"].device),
+                 lambda s, c: gather_down_triton(s["h"], s["w2t"], s["b2"], s["idx"], config=c)),
+    }
+    for name, (heuristic, call) in ops.items():
+        times = [(timed(call, config, sets), config) for config in candidates(heuristic)]
+        best_us, best = min(times, key=lambda item: item[0])
+        log(f"| {model} | {batch} | {density:g} | {name} | {times[0][0]:.1f} | {best_us:.1f} | "
+            f"{times[0][0] / best_us:.2f}x | {tuple(best)} | {tuple(heuristic)} |")
+    del sets
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="opt-6.7b,opt-66b")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--density", type=float, default=0.1)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("mlp_sweep.py needs a CUDA GPU")
+    lines = []
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    log(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16; config = (block_n, block_c, block_r, "
+        "splits, num_warps, num_stages)")
+    log("| model | B | density | op | heuristic µs | best µs | gain | best config | heuristic config |")
+    log("|---|---|---|---|---|---|---|---|---|")
+    for model, batch in itertools.product(args.models.split(","), map(int, args.batches.split(","))):
+        sweep(model, batch, args.density, log)
+    if args.out:
+        with open(args.out, "w") as file:
+            file.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
