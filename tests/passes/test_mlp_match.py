@@ -74,7 +74,8 @@ def test_prefill_mlps_are_prefill_and_numbers_are_untouched():
     driver = DecodeDriver(model, batch=2, prompt_len=5, max_cache_len=8)
     cache = transformers.StaticCache(config=model.config, max_cache_len=8)
     report = polar_compile.explain(model, **driver._inputs(driver.prompt, cache, 0))
-    assert [s.kind for s in report.sites_of("mlp")] == ["prefill"] * LAYERS
+    assert [(s.kind, s.reason) for s in report.sites_of("mlp")] == [
+        ("prefill", "prefill: only decode steps are sparsified")] * LAYERS
     torch._dynamo.reset()
     step = torch.compile(model.forward, backend=polar_compile.make_backend(passes=["mlp"], inductor=False),
                          fullgraph=True)
@@ -94,3 +95,18 @@ def test_export_graphs_give_the_same_mlp_sites(family):
     sites = find_mlp_sites(program.module())
     assert [(s.layer, s.activation, s.gate is not None, s.ffn_size) for s in sites] == [
         (layer, "relu", RELU[family][1], RELU[family][2]) for layer in range(LAYERS)]
+
+
+def test_an_mlp_outside_a_layer_list_has_no_layer():
+    model = relu_model("llama", relu=True)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(find_mlp_sites(gm))
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model.model.layers[0].mlp, backend=capture)(torch.randn(2, 1, 32))
+    (sites,) = graphs
+    assert [(s.layer, s.dense_reason) for s in sites] == [
+        (None, "not inside an item of a module list (a decoder layer), so it has no layer index for a router")]
