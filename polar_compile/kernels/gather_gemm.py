@@ -283,14 +283,7 @@ def gather_up_triton(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1:
-        wrap_triton(_finish_kernel)[grid[:2]](
-            part, idx, b, b_up, out,
-            rows, k, ffn,
-            idx.stride(0), b.stride(0), b_up.stride(0), out.stride(0), out.stride(1),
-            part.stride(0), part.stride(1), part.stride(2),
-            SPLITS=splits, UP=True, GATED=gated, BLOCK_N=config.block_n, BLOCK_C=config.block_c,
-            num_warps=config.num_warps,
-        )
+        _finish(part, idx, b, b_up, out, ffn, grid, config, up=True, gated=gated)
     return out
 
 
@@ -324,12 +317,19 @@ def gather_down_triton(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1:
-        wrap_triton(_finish_kernel)[grid[:2]](
-            part, idx, b, b, out,
-            rows, d_out, ffn,
-            idx.stride(0), b.stride(0), b.stride(0), out.stride(0), out.stride(1),
-            part.stride(0), part.stride(1), part.stride(2),
-            SPLITS=splits, UP=False, GATED=False, BLOCK_N=config.block_n, BLOCK_C=config.block_c,
-            num_warps=config.num_warps,
-        )
+        _finish(part, idx, b, b, out, ffn, grid, config, up=False, gated=False)
     return out
+
+
+def _finish(part: Tensor, idx: Tensor, b: Tensor, b_up: Tensor, out: Tensor, ffn: int, grid: tuple,
+            config: GatherConfig, *, up: bool, gated: bool) -> None:
+    """Launch ``_finish_kernel`` over the output tiles of ``grid``: sum the splits' partials, then bias/activation."""
+    rows, cols = out.shape
+    wrap_triton(_finish_kernel)[grid[:2]](
+        part, idx, b, b_up, out,
+        rows, cols, ffn,
+        idx.stride(0), b.stride(0), b_up.stride(0), out.stride(0), out.stride(1),
+        part.stride(0), part.stride(1), part.stride(2),
+        SPLITS=part.shape[0], UP=up, GATED=gated, BLOCK_N=config.block_n, BLOCK_C=config.block_c,
+        num_warps=config.num_warps,
+    )
