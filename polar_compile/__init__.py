@@ -10,6 +10,7 @@ from .backend import make_backend
 from .calibrate import calibrate
 from .config import PolarConfig, PolarOptionError
 from .explain import ExplainReport, explain
+from .mlp_routers import MlpRouters
 from .routers import RouterBank, RouterBankError
 from .state import attach, detach
 
@@ -23,6 +24,7 @@ __all__ = [
     # calibrate
     "calibrate",
     # routers
+    "MlpRouters",
     "RouterBank",
     "RouterBankError",
     # inspect

@@ -19,7 +19,7 @@ from torch import Tensor
 
 __all__ = [
     "CONFIG_FILE", "FORMAT_VERSION", "MODEL_FIELDS", "WEIGHTS_FILE",
-    "BankConfig", "RouterBankError",
+    "BankConfig", "BankTensors", "RouterBankError",
     "check_model_fields", "describe", "finite_problem", "is_density", "is_int", "is_number", "read_config", "read_tensors", "unit_kind",
 ]
 
@@ -27,10 +27,10 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "routers.safetensors"
 CONFIG_FILE = "polar_config.json"
 MODEL_FIELDS = ("model_type", "num_layers", "hidden_size", "num_heads", "num_kv_heads")
-TOP_LEVEL_FIELDS = ("format_version", "model", "unit_kind", "densities", "provenance")
-MLP_UNSUPPORTED = "MLP routers are not supported by this version of polar_compile (attention routers only)"
-_ATTN_TENSOR = re.compile(r"layers\.(0|[1-9][0-9]*)\.attn\.(weight|bias)")
-_MLP_TENSOR = re.compile(r"layers\.[0-9]+\.mlp\..*")
+TOP_LEVEL_FIELDS = ("format_version", "model", "unit_kind", "densities", "mlp", "provenance")
+MLP_FIELDS = ("rank", "topk")
+_TENSOR = re.compile(r"layers\.(0|[1-9][0-9]*)\.(attn\.weight|attn\.bias|mlp\.in\.weight|mlp\.out\.weight)")
+TENSOR_NAMES = ("attn.weight", "attn.bias", "mlp.in.weight", "mlp.out.weight")  # each as layers.{i}.<name>
 
 
 class RouterBankError(ValueError):
@@ -43,6 +43,16 @@ class BankConfig(NamedTuple):
     model: dict[str, Any]
     densities: dict[int, float]
     provenance: dict[str, Any]
+    mlp: dict[str, Any] | None = None  # {"rank": int, "topk": {batch size: tuple of k or None per layer}}
+
+
+class BankTensors(NamedTuple):
+    """The tensors of ``routers.safetensors``, per kind, each a dict of layer index -> tensor."""
+
+    weights: dict[int, Tensor]  # layers.{i}.attn.weight
+    biases: dict[int, Tensor]  # layers.{i}.attn.bias
+    mlp_in: dict[int, Tensor]  # layers.{i}.mlp.in.weight
+    mlp_out: dict[int, Tensor]  # layers.{i}.mlp.out.weight
 
 
 def describe(value: Any, limit: int = 80) -> str:
@@ -115,8 +125,6 @@ def read_config(path: Path, where: str) -> BankConfig:
     where = f"{where}: {CONFIG_FILE}: "
     if not isinstance(config, dict):
         raise RouterBankError(f"{where}the top level must be a JSON object, got {describe(config)}")
-    if "mlp" in config:
-        raise RouterBankError(f"{where}has an 'mlp' section, but {MLP_UNSUPPORTED}")
     unknown = sorted(set(config) - set(TOP_LEVEL_FIELDS))
     if unknown:
         raise RouterBankError(f"{where}unknown field(s) {unknown}; the fields are {list(TOP_LEVEL_FIELDS)}")
@@ -157,7 +165,8 @@ def read_config(path: Path, where: str) -> BankConfig:
     provenance = config.get("provenance", {})
     if not isinstance(provenance, dict):
         raise RouterBankError(f"{where}provenance must be a JSON object, got {describe(provenance)}")
-    return BankConfig(dict(model), densities, provenance)
+    mlp = _read_mlp(config["mlp"], model["num_layers"], where) if "mlp" in config else None
+    return BankConfig(dict(model), densities, provenance, mlp)
 
 
 def _read_densities(raw: Any, num_layers: int, where: str) -> dict[int, float]:
@@ -180,29 +189,67 @@ def _read_densities(raw: Any, num_layers: int, where: str) -> dict[int, float]:
     return densities
 
 
-def read_tensors(path: Path, where: str) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
-    """The (weights, biases) per layer in ``routers.safetensors`` at ``path``; errors start with ``where``."""
+def _read_mlp(raw: Any, num_layers: int, where: str) -> dict[str, Any]:
+    """The ``mlp`` section's rank and table, type-checked (k's upper bound, ffn, comes from the tensors)."""
+    if not isinstance(raw, dict):
+        raise RouterBankError(f"{where}mlp must be a JSON object with fields {list(MLP_FIELDS)}, got {describe(raw)}")
+    unknown = sorted(set(raw) - set(MLP_FIELDS))
+    if unknown:
+        raise RouterBankError(f"{where}mlp has unknown field(s) {unknown}; the fields are {list(MLP_FIELDS)}")
+    missing = [name for name in MLP_FIELDS if name not in raw]
+    if missing:
+        raise RouterBankError(f"{where}mlp is missing field(s) {missing}; the fields are {list(MLP_FIELDS)}")
+    if not is_int(raw["rank"]) or raw["rank"] < 1:
+        raise RouterBankError(f"{where}mlp.rank must be a positive int, got {describe(raw['rank'])}")
+    table = raw["topk"]
+    if not isinstance(table, dict):
+        raise RouterBankError(
+            f"{where}mlp.topk must be a JSON object mapping batch sizes (\"1\", \"16\", ...) to lists of k or null per "
+            f"layer, got {describe(table)}"
+        )
+    topk = {}
+    for key, row in table.items():
+        size = int(key) if key.isascii() and key.isdigit() else 0
+        if str(size) != key or size < 1:
+            raise RouterBankError(
+                f"{where}mlp.topk key {key!r} is not a batch size: expected a positive int without leading zeros, "
+                f"e.g. \"16\""
+            )
+        if not isinstance(row, list):
+            raise RouterBankError(
+                f"{where}mlp.topk[{key!r}] must be a list of k (a positive int) or null per layer, got {describe(row)}"
+            )
+        if len(row) != num_layers:
+            raise RouterBankError(
+                f"{where}mlp.topk[{key!r}] has {len(row)} entries, expected {num_layers} (model.num_layers)"
+            )
+        for layer, k in enumerate(row):
+            if k is not None and (not is_int(k) or k < 1):
+                raise RouterBankError(
+                    f"{where}mlp.topk[{key!r}][{layer}] must be null (dense) or a positive int, got {describe(k)}"
+                )
+        topk[size] = tuple(row)
+    return {"rank": int(raw["rank"]), "topk": topk}
+
+
+def read_tensors(path: Path, where: str) -> BankTensors:
+    """The router tensors per kind and layer in ``routers.safetensors`` at ``path``; errors start with ``where``."""
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise RouterBankError(f"{where}: {WEIGHTS_FILE} is truncated or corrupt ({err})") from err
     where = f"{where}: {WEIGHTS_FILE}: "
-    weights: dict[int, Tensor] = {}
-    biases: dict[int, Tensor] = {}
+    kinds: dict[str, dict[int, Tensor]] = {kind: {} for kind in TENSOR_NAMES}
     for name in sorted(tensors):
         tensor = tensors[name]
-        match = _ATTN_TENSOR.fullmatch(name)
+        match = _TENSOR.fullmatch(name)
         if match is None:
-            if _MLP_TENSOR.fullmatch(name):
-                raise RouterBankError(f"{where}tensor {name!r} is an MLP router; {MLP_UNSUPPORTED}")
-            raise RouterBankError(
-                f"{where}unexpected tensor {name!r}; the tensors are named layers.{{i}}.attn.weight and "
-                "layers.{i}.attn.bias"
-            )
+            names = ", ".join(f"layers.{{i}}.{kind}" for kind in TENSOR_NAMES)
+            raise RouterBankError(f"{where}unexpected tensor {name!r}; the tensors are named {names}")
         if not tensor.is_floating_point():
             raise RouterBankError(f"{where}tensor {name!r} must have a floating dtype, got {tensor.dtype}")
-        (weights if match[2] == "weight" else biases)[int(match[1])] = tensor
-    return weights, biases
+        kinds[match[2]][int(match[1])] = tensor
+    return BankTensors(*kinds.values())
 
 
 def finite_problem(tensor: Tensor) -> str | None:

@@ -1,7 +1,8 @@
-"""RouterBank: the per-layer head routers of one model, on disk as ``routers.safetensors`` + ``polar_config.json``.
+"""RouterBank: the per-layer routers of one model, on disk as ``routers.safetensors`` + ``polar_config.json``.
 
 A layer's attention router is one Linear ``[units, hidden]`` (+ bias ``[units]``) on the layer's post-norm
-hidden state; a unit is a query head (MHA) or a KV group (GQA). Layers without a router stay dense.
+hidden state; a unit is a query head (MHA) or a KV group (GQA). MLP routers (low-rank, with a per-batch-size k
+table) live in ``mlp_routers.py``. Layers without a router stay dense.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .bank_format import (
     read_tensors,
     unit_kind,
 )
+from .mlp_routers import MlpRouters, mlp_width
 
 __all__ = ["FORMAT_VERSION", "ModelShape", "RouterBank", "RouterBankError"]
 
@@ -124,12 +126,13 @@ def _cached_kv_heads(config: Any, heads: int) -> int:
 
 @dataclass(eq=False)
 class RouterBank:
-    """Per-layer attention routers plus the metadata that ties them to one model.
+    """Per-layer attention routers, optional MLP routers, and the metadata that ties them to one model.
 
     ``weights[i]`` is ``[units, hidden]`` and ``biases[i]`` is ``[units]`` for each routed layer ``i``, floating
     point and finite; ``densities[i]`` is the fraction of units kept in layer ``i`` when the compile options give
-    none. Banks compare by identity (Dynamo compares compile options; tensors have no single truth value), so a
-    bank is a value: a graph compiled with it keeps what it held; build a new bank rather than changing one in place.
+    none; ``mlp`` holds the MLP routers (:class:`MlpRouters`), if any (a bank may have MLP routers only). Banks
+    compare by identity (Dynamo compares compile options; tensors have no single truth value), so a bank is a value:
+    a graph compiled with it keeps what it held; build a new bank rather than changing one in place.
     Construction raises :class:`RouterBankError` naming the first malformed entry.
     """
 
@@ -138,6 +141,7 @@ class RouterBank:
     biases: dict[int, Tensor]
     densities: dict[int, float] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    mlp: MlpRouters | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.shape, ModelShape):
@@ -171,6 +175,10 @@ class RouterBank:
         self.densities = self._checked_densities()
         if not isinstance(self.provenance, Mapping):
             raise RouterBankError(f"RouterBank.provenance must be a dict, got {describe(self.provenance)}")
+        if self.mlp is not None:
+            if not isinstance(self.mlp, MlpRouters):
+                raise RouterBankError(f"RouterBank.mlp must be MlpRouters or None, got {describe(self.mlp)}")
+            self.mlp.check(self.shape.num_layers, self.shape.hidden_size)
 
     def _checked_densities(self) -> dict[int, float]:
         if not isinstance(self.densities, Mapping):
@@ -191,12 +199,19 @@ class RouterBank:
 
     @property
     def layers(self) -> list[int]:
-        """The routed layer indices, ascending."""
+        """The layers with attention routers, ascending (``mlp.layers`` has those with MLP routers)."""
         return sorted(self.weights)
 
     def check_model(self, model: nn.Module) -> None:
-        """Raise :class:`RouterBankError` naming the first field where ``model`` differs from the bank's."""
+        """Raise :class:`RouterBankError` naming the first field where ``model`` differs from the bank's (with MLP
+        routers, also the MLP width when the model's config names one: :func:`mlp_width`)."""
         self.check_shape(ModelShape.of(model))
+        width = mlp_width(model) if self.mlp is not None else None
+        if width is not None and width != self.mlp.ffn_size:
+            raise RouterBankError(
+                f"router bank does not fit this model: MLP width (ffn) is {self.mlp.ffn_size} in the bank, {width} in "
+                "the model"
+            )
 
     def check_shape(self, shape: ModelShape) -> None:
         """Raise :class:`RouterBankError` naming the first field where ``shape`` differs from the bank's."""
@@ -215,14 +230,20 @@ class RouterBank:
         for layer in self.layers:
             tensors[f"layers.{layer}.attn.weight"] = self.weights[layer].detach().float().contiguous().cpu()
             tensors[f"layers.{layer}.attn.bias"] = self.biases[layer].detach().float().contiguous().cpu()
-        save_file(tensors, str(directory / WEIGHTS_FILE))
         config = {
             "format_version": FORMAT_VERSION,
             "model": dict(self.shape.__dict__),
             "unit_kind": self.shape.unit_kind,
             "densities": {str(k): v for k, v in sorted(self.densities.items())},
-            "provenance": self.provenance,
         }
+        if self.mlp is not None:
+            for layer in self.mlp.layers:
+                tensors[f"layers.{layer}.mlp.in.weight"] = self.mlp.w_in[layer].detach().float().contiguous().cpu()
+                tensors[f"layers.{layer}.mlp.out.weight"] = self.mlp.w_out[layer].detach().float().contiguous().cpu()
+            topk = {str(size): list(row) for size, row in sorted(self.mlp.topk.items())}
+            config["mlp"] = {"rank": self.mlp.rank, "topk": topk}
+        config["provenance"] = self.provenance
+        save_file(tensors, str(directory / WEIGHTS_FILE))
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         return directory
 
@@ -241,12 +262,49 @@ class RouterBank:
                 raise RouterBankError(f"{where}: missing {path.name}")
         config = read_config(config_path, where)
         shape = ModelShape(**config.model)
-        weights, biases = read_tensors(weights_path, where)
+        tensors = read_tensors(weights_path, where)
         try:
-            cls(shape, weights, biases)  # the tensors alone, so that what fails here is about the tensor file
+            cls(shape, tensors.weights, tensors.biases)  # the tensors alone: what fails here is about the tensor file
         except RouterBankError as err:
             raise RouterBankError(f"{where}: {WEIGHTS_FILE}: {err}") from None
-        return cls(shape, weights, biases, config.densities, config.provenance)
+        mlp = _load_mlp(config.mlp, tensors.mlp_in, tensors.mlp_out, shape, where)
+        return cls(shape, tensors.weights, tensors.biases, config.densities, config.provenance, mlp)
+
+
+def _load_mlp(section: dict[str, Any] | None, w_in: dict[int, Tensor], w_out: dict[int, Tensor], shape: ModelShape,
+              where: str) -> MlpRouters | None:
+    """The MLP routers from the ``mlp`` section and tensors of a bank's files; errors name the file at fault."""
+    if section is None and not (w_in or w_out):
+        return None
+    if section is None:
+        raise RouterBankError(
+            f"{where}: {WEIGHTS_FILE} holds MLP router tensors (layers {sorted({*w_in, *w_out})}) but {CONFIG_FILE} "
+            'has no mlp section; expected "mlp": {"rank": r, "topk": {"<batch size>": [k or null per layer]}}'
+        )
+    if not (w_in or w_out):
+        raise RouterBankError(
+            f"{where}: {CONFIG_FILE} has an mlp section (rank {section['rank']}) but {WEIGHTS_FILE} holds no MLP "
+            "router tensors (layers.{i}.mlp.in.weight, layers.{i}.mlp.out.weight)"
+        )
+    ranks = {layer: tensor.shape[0] for layer, tensor in sorted(w_in.items()) if tensor.dim() == 2}
+    # the tensors' own rank: the JSON's when some tensor has it (so that the odd tensor out is named), else the first's
+    rank = section["rank"] if section["rank"] in ranks.values() or not ranks else next(iter(ranks.values()))
+    first = min(w_in) if w_in else None
+    try:  # the tensors alone, at their own rank: what fails here is about the tensor file
+        MlpRouters(rank, w_in, w_out, {}).check(shape.num_layers, shape.hidden_size)
+    except RouterBankError as err:
+        raise RouterBankError(f"{where}: {WEIGHTS_FILE}: {err}") from None
+    if rank != section["rank"]:
+        raise RouterBankError(
+            f"{where}: {CONFIG_FILE}: mlp.rank is {section['rank']}, but the MLP routers in {WEIGHTS_FILE} have rank "
+            f"{rank} (layers.{first}.mlp.in.weight has shape {list(w_in[first].shape)})"
+        )
+    mlp = MlpRouters(rank, w_in, w_out, section["topk"])
+    try:
+        mlp.check(shape.num_layers, shape.hidden_size)
+    except RouterBankError as err:
+        raise RouterBankError(f"{where}: {CONFIG_FILE}: {err}") from None
+    return mlp
 
 
 def _check_tensors(tensors: Any, name: str, kind: str) -> None:

@@ -112,8 +112,9 @@ CORRUPTIONS = [
     ("densities", {"first": 0.5}, r"densities key 'first' is not a layer index of the model"),
     ("provenance", ["calibrated"], r"provenance must be a JSON object, got list \['calibrated'\]"),
     ("density", 0.5, r"unknown field\(s\) \['density'\]; the fields are \['format_version', 'model', 'unit_kind', "
-                     r"'densities', 'provenance'\]"),
-    ("mlp", {"rank": 8}, r"has an 'mlp' section, but MLP routers are not supported by this version of polar_compile"),
+                     r"'densities', 'mlp', 'provenance'\]"),
+    # the MLP section's own checks are in test_mlp_bank.py
+    ("mlp", {"rank": 8}, r"mlp is missing field\(s\) \['topk'\]; the fields are \['rank', 'topk'\]"),
 ]
 
 
@@ -177,12 +178,10 @@ def test_a_shape_that_disagrees_with_the_tensors_names_both(tmp_path):
 
 
 @pytest.mark.parametrize(("tensors", "message"), [
-    ({"layers.1.mlp.in.weight": torch.zeros(8, 16)},
-     r"tensor 'layers\.1\.mlp\.in\.weight' is an MLP router; MLP routers are not supported by this version"),
-    ({"layers.1.mlp.out.weight": torch.zeros(32, 8)}, r"tensor 'layers\.1\.mlp\.out\.weight' is an MLP router"),
     ({"layers.1.attn.scale": torch.zeros(2)},
-     r"unexpected tensor 'layers\.1\.attn\.scale'; the tensors are named layers\.\{i\}\.attn\.weight and "
-     r"layers\.\{i\}\.attn\.bias"),
+     r"unexpected tensor 'layers\.1\.attn\.scale'; the tensors are named layers\.\{i\}\.attn\.weight, "
+     r"layers\.\{i\}\.attn\.bias, layers\.\{i\}\.mlp\.in\.weight, layers\.\{i\}\.mlp\.out\.weight"),
+    ({"layers.1.mlp.gate.weight": torch.zeros(8, 16)}, r"unexpected tensor 'layers\.1\.mlp\.gate\.weight'"),
     ({"layers.01.attn.weight": torch.zeros(2, 16)}, r"unexpected tensor 'layers\.01\.attn\.weight'"),
     ({"layers.1.attn.weight": torch.zeros(2, 16, dtype=torch.int32), "layers.1.attn.bias": torch.zeros(2)},
      r"tensor 'layers\.1\.attn\.weight' must have a floating dtype, got torch\.int32"),
