@@ -34,7 +34,7 @@ from .config import PolarConfig, PolarOptionError
 from .passes.manager import run_passes
 from .passes.match import find_attention_sites
 from .passes.records import PassRecord
-from .passes.routing import is_router_marker
+from .passes.routing import is_mlp_router_marker, is_router_marker
 from .routers import RouterBank
 
 __all__ = ["compile_graph", "make_backend", "polar_backend"]
@@ -57,13 +57,13 @@ def compile_graph(
 
     Appends this graph's pass records to ``records`` when given.
     """
-    attached = any(map(is_router_marker, gm.graph.nodes))
+    attached = any(is_router_marker(node) or is_mlp_router_marker(node) for node in gm.graph.nodes)
     if config.routers is None and not attached and any(site.is_decode for site in find_attention_sites(gm)):
         warnings.warn(NO_ROUTERS_WARNING, stacklevel=2)
     # Rewritten in place: a copy would lose what Dynamo attaches to the module and its placeholders
     # (`_param_name_to_source`, `_dynamo_source`), from which Inductor learns that the KV cache is a static
     # input; without it every mutated cache tensor makes Inductor skip CUDA graphs.
-    graph_records = run_passes(gm, config)
+    graph_records = run_passes(gm, config, example_inputs)
     if config.routers is not None or attached:
         for record in graph_records:
             if record.note:

@@ -40,6 +40,9 @@ class PolarConfig:
     VERSION: ClassVar[int] = 1
     DEFAULT_DENSITY: ClassVar[float] = 0.5
     CUDA_MIN_SAVED_MIB: ClassVar[float] = 32.0
+    # (largest batch size, neuron density): past it the gather-GEMMs (+ router) are slower than the dense MLP on
+    # CUDA (H200, bf16, benchmarks/mlp.py); a sparse MLP layer whose k is past it stays dense
+    CUDA_MLP_BREAK_EVEN: ClassVar[tuple[tuple[int, float], ...]] = ((16, 0.9), (32, 0.8), (64, 0.6), (2**62, 0.5))
 
     routers: RouterBank | None = None
     density: float | tuple[float, ...] | None = None
@@ -120,6 +123,13 @@ class PolarConfig:
         if mib is None:
             mib = self.CUDA_MIN_SAVED_MIB if device_type == "cuda" else 0.0
         return mib * 2**20
+
+    def mlp_break_even(self, device_type: str, batch: int) -> float:
+        """The neuron density up to which a sparse MLP of ``batch`` tokens beats the dense one on ``device_type``
+        (1.0 off CUDA, where the reference ops exist for correctness, not speed)."""
+        if device_type != "cuda":
+            return 1.0
+        return next(density for largest, density in self.CUDA_MLP_BREAK_EVEN if batch <= largest)
 
     def layer_density(self, layer: int) -> float:
         """The density that layer ``layer`` runs at."""

@@ -11,7 +11,7 @@ in descending score, ties to the lower index.
 ``polar::layer_router`` carries a decoder layer's attached router into the traced graph (see
 ``backend.attach``): it returns a copy of its input, and the attention pass reads its weight, bias, layer index,
 ``k`` and cost threshold, then removes it. Outside the polar backend it is that copy (one ``[B, 1, hidden]`` row per
-layer and decode step).
+layer and decode step). ``polar::layer_mlp_router`` does the same for the layer's MLP router and its ``k``.
 
 The sparse MLP (ReLU and gated-ReLU MLPs) selects one neuron set for all N rows (tokens) of a decode step:
 
@@ -35,6 +35,7 @@ from torch import Tensor
 
 __all__ = [
     "SUPPORTED_DTYPES",
+    "layer_mlp_router",
     "layer_router",
     "check_gather_down_args",
     "check_gather_gated_up_args",
@@ -194,6 +195,18 @@ def layer_router(hidden: Tensor, weight: Tensor, bias: Tensor, layer: int, k: in
 
 @layer_router.register_fake
 def _(hidden: Tensor, weight: Tensor, bias: Tensor, layer: int, k: int, min_saved_bytes: int) -> Tensor:
+    return torch.empty_like(hidden)
+
+
+@torch.library.custom_op("polar::layer_mlp_router", mutates_args=())
+def layer_mlp_router(hidden: Tensor, w_in: Tensor, w_out: Tensor, layer: int, k: int) -> Tensor:
+    """A copy of ``hidden`` that marks, in a traced graph, decoder layer ``layer``'s MLP router ``(w_in, w_out)`` and
+    the ``k`` neurons its MLP keeps at this step's batch size (0: the MLP stays dense)."""
+    return hidden.clone()
+
+
+@layer_mlp_router.register_fake
+def _(hidden: Tensor, w_in: Tensor, w_out: Tensor, layer: int, k: int) -> Tensor:
     return torch.empty_like(hidden)
 
 

@@ -5,11 +5,15 @@ Each decoder layer with a router gets, on the layer module itself:
   ``state_dict`` or a saved checkpoint), in the layer's dtype and device, moving with the model;
 - attributes ``polar_router_layer``, ``polar_router_k`` (units kept per sequence) and ``polar_min_saved_bytes``
   (-1: the device's default);
+- with an MLP router: buffers ``polar_mlp_in [rank, hidden]``, ``polar_mlp_out [ffn, rank]`` and the layer's row of
+  the bank's k table, ``polar_mlp_topk`` (``((batch size, k or None), ...)``);
 - a new class: a subclass of the layer's own, made once per class, whose ``forward`` first passes the layer's input
-  through ``polar::layer_router`` with all of the above at a decode step (one query token), then runs the original.
+  through ``polar::layer_router`` (and ``polar::layer_mlp_router``, with the k of the batch size it sees) with all of
+  the above at a decode step (one query token), then runs the original.
 
 Dynamo traces that ``forward`` like the rest of the model: the buffers become inputs of *this* model's graph
-(another model's are other inputs) and the ints guarded constants (a new density recompiles). Dynamo guards the
+(another model's are other inputs) and the ints guarded constants (a new density, k table or batch size
+recompiles). Dynamo guards the
 type of every module it inlines, so a model whose layers are of the original class (never attached, or detached)
 never runs a graph traced with routers, nor the reverse. Forward hooks would not do: Dynamo does not guard module
 hooks by default (``torch._dynamo.config.skip_nnmodule_hook_guards``; measured: a hook attached after the first
@@ -30,10 +34,12 @@ from . import ops  # noqa: F401  (registers polar::layer_router)
 from .config import PolarConfig
 from .routers import ModelShape, RouterBank, RouterBankError, kept_units
 
-__all__ = ["attach", "decoder_layers", "detach"]
+__all__ = ["attach", "decoder_layers", "detach", "table_k"]
 
 WEIGHT, BIAS = "polar_router_weight", "polar_router_bias"
 LAYER, K, MIN_SAVED = "polar_router_layer", "polar_router_k", "polar_min_saved_bytes"
+MLP_IN, MLP_OUT, MLP_TOPK = "polar_mlp_in", "polar_mlp_out", "polar_mlp_topk"
+_BUFFERS, _ATTRIBUTES = (WEIGHT, BIAS, MLP_IN, MLP_OUT), (LAYER, K, MIN_SAVED, MLP_TOPK)
 _ROUTED_CLASSES: dict[type, type] = {}  # layer class -> its routed subclass
 
 
@@ -54,16 +60,27 @@ def attach(model: nn.Module, routers: RouterBank | str | Path | None, *,
     bank.check_model(model)
     config = PolarConfig(routers=bank, density=density, min_saved_mib=min_saved_mib)
     min_saved_bytes = -1 if min_saved_mib is None else round(min_saved_mib * 2**20)
+    mlp = bank.mlp
     for index, layer in enumerate(decoder_layers(model, bank.shape)):
-        if index not in bank.weights:
+        routed_mlp = mlp is not None and index in mlp.w_in
+        if index not in bank.weights and not routed_mlp:
             _remove(layer)
             continue
-        like = next((p for p in layer.parameters() if p.is_floating_point()), bank.weights[index])
-        _set_buffer(layer, WEIGHT, bank.weights[index].to(device=like.device, dtype=like.dtype))
-        _set_buffer(layer, BIAS, bank.biases[index].to(device=like.device, dtype=like.dtype))
+        like = next((p for p in layer.parameters() if p.is_floating_point()), None)
         setattr(layer, LAYER, index)
-        setattr(layer, K, kept_units(config.layer_density(index), bank.shape.num_kv_heads))
-        setattr(layer, MIN_SAVED, min_saved_bytes)
+        if index in bank.weights:
+            _set_buffer(layer, WEIGHT, bank.weights[index], like)
+            _set_buffer(layer, BIAS, bank.biases[index], like)
+            setattr(layer, K, kept_units(config.layer_density(index), bank.shape.num_kv_heads))
+            setattr(layer, MIN_SAVED, min_saved_bytes)
+        else:
+            _clear(layer, (WEIGHT, BIAS), (K, MIN_SAVED))
+        if routed_mlp:
+            _set_buffer(layer, MLP_IN, mlp.w_in[index], like)
+            _set_buffer(layer, MLP_OUT, mlp.w_out[index], like)
+            setattr(layer, MLP_TOPK, tuple((batch, mlp.topk[batch][index]) for batch in sorted(mlp.topk)))
+        else:
+            _clear(layer, (MLP_IN, MLP_OUT), (MLP_TOPK,))
         layer.__class__ = _routed_class(type(layer))
     return model
 
@@ -125,12 +142,23 @@ def _marked(layer: nn.Module, hidden: Any) -> Any:
     # hidden: [B, T, hidden]; prefill (T > 1) or another layout has nothing to route
     if not isinstance(hidden, Tensor) or hidden.dim() != 3 or hidden.shape[1] != 1:
         return hidden
-    return torch.ops.polar.layer_router.default(hidden, getattr(layer, WEIGHT), getattr(layer, BIAS),
-                                                getattr(layer, LAYER), getattr(layer, K), getattr(layer, MIN_SAVED))
+    index = getattr(layer, LAYER)
+    if WEIGHT in layer._buffers:
+        hidden = torch.ops.polar.layer_router.default(hidden, getattr(layer, WEIGHT), getattr(layer, BIAS), index,
+                                                      getattr(layer, K), getattr(layer, MIN_SAVED))
+    if MLP_IN in layer._buffers:
+        # Dynamo guards the table and the batch size it read, so another batch size or table recompiles
+        k = table_k(getattr(layer, MLP_TOPK), hidden.shape[0])
+        hidden = torch.ops.polar.layer_mlp_router.default(hidden, getattr(layer, MLP_IN), getattr(layer, MLP_OUT),
+                                                          index, k or 0)
+    return hidden
 
 
-def _set_buffer(module: nn.Module, name: str, value: Tensor) -> None:
-    """Copy into the existing buffer when it has ``value``'s shape, dtype and device, else register anew."""
+def _set_buffer(module: nn.Module, name: str, value: Tensor, like: Tensor | None) -> None:
+    """Put ``value``, in ``like``'s dtype and device, in buffer ``name``: a copy into the existing buffer when
+    shape, dtype and device agree (captured CUDA graphs keep its address), else a new non-persistent buffer."""
+    if like is not None:
+        value = value.to(device=like.device, dtype=like.dtype)
     current = module._buffers.get(name)
     if current is not None and (current.shape, current.dtype, current.device) == (value.shape, value.dtype,
                                                                                    value.device):
@@ -140,11 +168,22 @@ def _set_buffer(module: nn.Module, name: str, value: Tensor) -> None:
         module.register_buffer(name, value.detach().clone().contiguous(), persistent=False)
 
 
+def table_k(table: Sequence[tuple[int, int | None]], batch_size: int) -> int | None:
+    """The k of a layer's ``(batch size, k)`` table rows (ascending batch sizes) at ``batch_size``: the row of the
+    smallest tabulated batch size >= ``batch_size``; None when no row is that large or its k is None (dense)."""
+    return next((k for batch, k in table if batch >= batch_size), None)
+
+
+def _clear(module: nn.Module, buffers: Sequence[str] = _BUFFERS, attributes: Sequence[str] = _ATTRIBUTES) -> None:
+    """Remove routing buffers and attributes from ``module`` (its class stays)."""
+    for name in buffers:
+        module._buffers.pop(name, None)
+    for name in attributes:
+        module.__dict__.pop(name, None)
+
+
 def _remove(module: nn.Module) -> None:
     if type(module) not in _ROUTED_CLASSES.values():
         return
     module.__class__ = type(module).__mro__[1]
-    for name in (WEIGHT, BIAS):
-        module._buffers.pop(name, None)
-    for name in (LAYER, K, MIN_SAVED):
-        module.__dict__.pop(name, None)
+    _clear(module)

@@ -20,11 +20,11 @@ import operator
 
 import torch
 from torch import Tensor, fx
-from torch._dynamo.source import ConstantSource
 
 from ..config import PolarConfig
 from ..ops import SUPPORTED_DTYPES
 from ..routers import RouterBankError
+from .constants import graph_constant
 from .graph import erase_dead_views, fake_value, op_name, shape_of, static_int
 from .match import AttentionSite, find_attention_sites
 from .records import PassRecord, SiteRecord
@@ -152,21 +152,7 @@ def _router_tensor(gm: fx.GraphModule, site: AttentionSite, router: SiteRouter, 
     """A router weight or bias as a node in ``like``'s dtype: the attached buffer's node (cast in the graph if the
     model's dtype changed under it), or an options tensor stored on ``gm``."""
     if isinstance(value, Tensor):
-        return _constant(gm, f"polar_router_{router.layer}_{name}", value, like)
+        return graph_constant(gm, f"polar_router_{router.layer}_{name}", value, like)
     if fake_value(value).dtype == like.dtype:
         return value
     return gm.graph.call_function(torch.Tensor.to, (value, like.dtype))
-
-
-def _constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor, like: torch.Tensor) -> fx.Node:
-    """A ``get_attr`` node of ``tensor`` (in ``like``'s dtype and device), stored on ``gm`` as a buffer.
-
-    Dynamo's graph modules map every parameter and buffer to a source (``_param_name_to_source``); AOTAutograd
-    asserts on that map and uses it to find the static inputs (the KV cache) that let Inductor keep CUDA graphs,
-    so the new buffer gets an entry too.
-    """
-    gm.register_buffer(name, tensor.detach().to(device=like.device, dtype=like.dtype).contiguous())
-    sources = getattr(gm, "_param_name_to_source", None)
-    if sources is not None:
-        sources[name] = ConstantSource(name)
-    return gm.graph.get_attr(name)

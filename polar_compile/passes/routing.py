@@ -16,12 +16,18 @@ import torch
 from torch import Tensor, fx
 
 from ..config import PolarConfig
-from ..ops import layer_router  # noqa: F401  (registers polar::layer_router)
+from ..ops import layer_mlp_router, layer_router  # noqa: F401  (registers the marker ops)
 from ..routers import RouterBank, RouterBankError, kept_units
 from .graph import layer_of, module_path, module_stack
 from .match import AttentionSite
 
-__all__ = ["SiteRouter", "assign_routers", "is_router_marker", "strip_router_markers"]
+__all__ = ["SiteRouter", "assign_routers", "is_mlp_router_marker", "is_router_marker", "strip_router_markers"]
+
+
+def is_mlp_router_marker(node: fx.Node) -> bool:
+    """True for a ``polar::layer_mlp_router`` call (the MLP router :func:`polar_compile.attach` put on a layer)."""
+    return node.op == "call_function" and node.target in (torch.ops.polar.layer_mlp_router,
+                                                          torch.ops.polar.layer_mlp_router.default)
 
 
 def is_router_marker(node: fx.Node) -> bool:
@@ -70,8 +76,9 @@ def assign_routers(gm: fx.GraphModule, sites: list[AttentionSite], config: Polar
 
 
 def strip_router_markers(gm: fx.GraphModule) -> bool:
-    """Replace every ``polar::layer_router`` node by its input; True when there was one."""
-    markers = [node for node in gm.graph.nodes if is_router_marker(node)]
+    """Replace every ``polar::layer_router`` and ``polar::layer_mlp_router`` node by its input; True when there was
+    one."""
+    markers = [node for node in gm.graph.nodes if is_router_marker(node) or is_mlp_router_marker(node)]
     for node in markers:
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)

@@ -1,0 +1,131 @@
+"""The MLP rewrite: decode logits of stock HF ReLU models (OPT, GPT-2's Conv1D, GPT-NeoX, gated Llama) under the
+polar backend equal the test's own masked reference (``tests/mlp_reference.py``), with routers attached or in the
+options, and follow re-attach, another table and another batch size without a reset."""
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import polar_compile
+from polar_compile import MlpRouters, RouterBank
+from polar_compile.routers import RouterBankError
+from polar_compile.testing import random_routers
+from tests.budget import examples
+from tests.mlp_reference import sparse_mlps
+from tests.models import DecodeDriver
+from tests.passes.test_mlp_match import RELU, relu_model
+
+FAMILIES = ("opt", "gpt2", "gpt_neox", "llama")
+
+
+def mlp_bank(model, seed=0, first_layer=0, rank=8, topk=None):
+    """Random MLP routers only (the attention stays dense, so the MLP reference is the whole reference)."""
+    bank = random_routers(model, seed=seed, first_layer=first_layer, mlp_rank=rank, mlp_topk=topk)
+    return RouterBank(bank.shape, {}, {}, mlp=bank.mlp)
+
+
+def driver_for(model, batch, seed=0):
+    return DecodeDriver(model, batch=batch, prompt_len=3, max_cache_len=8, pad=[1] + [0] * (batch - 1), seed=seed)
+
+
+def reference(model, family, mlp, driver):
+    gaps = []
+    with torch.no_grad():
+        cache = driver.prefill()
+        with sparse_mlps(model, family, mlp, driver.batch, gaps):
+            logits = model(**driver.decode_inputs(cache)).logits
+    return logits, min(gaps, default=float("inf"))
+
+
+def polar_logits(step, driver):
+    with torch.no_grad():
+        return step(**driver.decode_inputs(driver.prefill())).logits
+
+
+def compiled(model, options=None):
+    return torch.compile(model.forward, backend="polar", options={"inductor": False, **(options or {})},
+                         fullgraph=True)
+
+
+@settings(max_examples=examples(8), deadline=None)
+@given(family=st.sampled_from(FAMILIES), batch=st.integers(1, 4), density=st.sampled_from([0.1, 0.3, 0.6, 1.0]),
+       rank=st.sampled_from([4, 16]), attached=st.booleans(), seed=st.integers(0, 2**16))
+def test_decode_logits_equal_the_masked_reference(family, batch, density, rank, attached, seed):
+    torch._dynamo.reset()
+    model = relu_model(family, relu=True)
+    bank = mlp_bank(model, seed, rank=rank, topk={4: density})
+    driver = driver_for(model, batch, seed)
+    expected, gap = reference(model, family, bank.mlp, driver)
+    assume(gap > 1e-5)
+    if attached:
+        polar_compile.attach(model, bank)
+        step = compiled(model)
+    else:
+        step = compiled(model, {"routers": bank})
+    torch.testing.assert_close(polar_logits(step, driver), expected, rtol=1e-4, atol=1e-4)
+    report = polar_compile.explain(model, **driver.decode_inputs(driver.prefill()),
+                                   options=None if attached else {"routers": bank})
+    ffn = RELU[family][2]
+    assert [(s.layer, s.rewritten, s.kept) for s in report.sites_of("mlp")] == [
+        (layer, True, bank.mlp.k_for(layer, batch)) for layer in (0, 1)] and bank.mlp.ffn_size == ffn
+
+
+def test_every_neuron_kept_is_the_dense_model():
+    model = relu_model("opt", relu=True)
+    bank = mlp_bank(model, topk={8: 1.0})
+    driver = driver_for(model, 3)
+    with torch.no_grad():
+        dense = model(**driver.decode_inputs(driver.prefill())).logits
+    torch._dynamo.reset()
+    torch.testing.assert_close(polar_logits(compiled(model, {"routers": bank}), driver), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_reattached_tables_and_batch_sizes_recompile_without_a_reset():
+    torch._dynamo.reset()
+    family = "llama"
+    model = relu_model(family, relu=True)
+    banks = [mlp_bank(model, seed, first_layer=1, topk=table)
+             for seed, table in ((0, {2: 0.2, 8: 0.5}), (1, {2: 0.6, 8: 0.3}), (2, {2: 0.2, 8: 0.5}))]
+    step = compiled(model)
+    for bank in banks:
+        polar_compile.attach(model, bank)
+        for batch in (2, 3):  # rows 2 and 8 of the table
+            driver = driver_for(model, batch, seed=batch)
+            expected, gap = reference(model, family, bank.mlp, driver)
+            assert gap > 1e-6
+            torch.testing.assert_close(polar_logits(step, driver), expected, rtol=1e-4, atol=1e-4)
+    polar_compile.detach(model)
+    driver = driver_for(model, 2)
+    with torch.no_grad():
+        dense = model(**driver.decode_inputs(driver.prefill())).logits
+    torch.testing.assert_close(polar_logits(step, driver), dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_mlps_stay_dense_with_the_reason(family):
+    model = relu_model(family, relu=True)
+    bank = mlp_bank(model, first_layer=1, topk={2: 0.5})
+    cases = {1: "", 3: "the bank's k table keeps every neuron of layer 1 at batch size 3 (dense)"}
+    for batch, reason in cases.items():
+        driver = driver_for(model, batch)
+        report = polar_compile.explain(model, **driver.decode_inputs(driver.prefill()), options={"routers": bank})
+        assert [(s.layer, s.reason) for s in report.sites_of("mlp")] == [(0, "no MLP router for layer 0"),
+                                                                          (1, reason)]
+    other = relu_model(family, relu=False)
+    driver = driver_for(other, 2)
+    report = polar_compile.explain(other, **driver.decode_inputs(driver.prefill()))
+    assert all("has no exact zeros" in s.reason for s in report.sites_of("mlp"))
+
+
+def test_a_bank_for_another_mlp_width_is_refused_naming_it():
+    model = relu_model("opt", relu=True)  # ffn 64
+    bank = random_routers(model, first_layer=1, mlp_rank=8)
+    wide = MlpRouters(8, {1: bank.mlp.w_in[1]}, {1: torch.randn(128, 8)}, {1: (None, 16)})
+    wrong = RouterBank(bank.shape, bank.weights, bank.biases, mlp=wide)
+    driver = driver_for(model, 2)
+    with pytest.raises(RouterBankError, match=r"ffn\) is 128 in the bank, 64 in the model"):
+        polar_compile.attach(model, wrong)
+    step = torch.compile(model.forward, backend=polar_compile.make_backend(wrong, inductor=False), fullgraph=True)
+    with pytest.raises(Exception, match=r"layer 1 .*MLP router is in \[8, 32\], out \[128, 8\]"):
+        polar_logits(step, driver)
