@@ -9,7 +9,7 @@ tensors ``layers.{i}.mlp.in.weight`` / ``layers.{i}.mlp.out.weight`` and ``polar
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .bank_format import RouterBankError, describe, finite_problem, is_int
 
-__all__ = ["MLP_BATCH_SIZES", "MLP_K_TILE", "MlpRouters", "mlp_width"]
+__all__ = ["MLP_BATCH_SIZES", "MLP_K_TILE", "MlpRouters", "mlp_width", "table_k"]
 
 MLP_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # the batch sizes calibration tabulates
 MLP_K_TILE: int = 64  # k in calibrated tables is a multiple of this (or ffn itself): the gather kernels' tile
@@ -61,11 +61,9 @@ class MlpRouters:
     def k_for(self, layer: int, batch_size: int) -> int | None:
         """k of `layer` at `batch_size`: the row of the smallest tabulated batch size >= batch_size; None when
         no row is that large, the layer has no router, or the entry is null (dense)."""
-        rows = [size for size in self.topk if size >= batch_size]
-        if not rows or layer not in self.w_in:
+        if layer not in self.w_in:
             return None
-        row = self.topk[min(rows)]
-        return row[layer] if 0 <= layer < len(row) else None
+        return table_k(tuple((size, self.topk[size][layer]) for size in sorted(self.topk)), batch_size)
 
     def check(self, num_layers: int, hidden_size: int) -> None:
         """Raise RouterBankError naming the layer / batch size, the expected and the actual: rank positive int;
@@ -135,6 +133,12 @@ class MlpRouters:
                         f"MLP router table mlp.topk[{size}][{layer}] is {k}, but layer {layer} has no MLP router; "
                         f"expected None (dense)"
                     )
+
+
+def table_k(table: Sequence[tuple[int, int | None]], batch_size: int) -> int | None:
+    """The k of a layer's ``(batch size, k)`` table rows (ascending batch sizes) at ``batch_size``: the row of the
+    smallest tabulated batch size >= ``batch_size``; None when no row is that large or its k is None (dense)."""
+    return next((k for batch, k in table if batch >= batch_size), None)
 
 
 def _check_tensor_dict(tensors: Any, name: str, num_layers: int) -> None:

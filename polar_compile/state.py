@@ -32,9 +32,10 @@ from torch import Tensor, nn
 
 from . import ops  # noqa: F401  (registers polar::layer_router)
 from .config import PolarConfig
+from .mlp_routers import table_k
 from .routers import ModelShape, RouterBank, RouterBankError, kept_units
 
-__all__ = ["attach", "decoder_layers", "detach", "table_k"]
+__all__ = ["attach", "decoder_layers", "detach"]
 
 WEIGHT, BIAS = "polar_router_weight", "polar_router_bias"
 LAYER, K, MIN_SAVED = "polar_router_layer", "polar_router_k", "polar_min_saved_bytes"
@@ -166,12 +167,6 @@ def _set_buffer(module: nn.Module, name: str, value: Tensor, like: Tensor | None
             current.copy_(value)
     else:
         module.register_buffer(name, value.detach().clone().contiguous(), persistent=False)
-
-
-def table_k(table: Sequence[tuple[int, int | None]], batch_size: int) -> int | None:
-    """The k of a layer's ``(batch size, k)`` table rows (ascending batch sizes) at ``batch_size``: the row of the
-    smallest tabulated batch size >= ``batch_size``; None when no row is that large or its k is None (dense)."""
-    return next((k for batch, k in table if batch >= batch_size), None)
 
 
 def _clear(module: nn.Module, buffers: Sequence[str] = _BUFFERS, attributes: Sequence[str] = _ATTRIBUTES) -> None:
