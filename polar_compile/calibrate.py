@@ -9,6 +9,9 @@
    as their norms do, weighted by the norm gap, so mistakes on near-ties cost little and the whole ranking (every
    density) is learned. Recall of the true top-k is measured on held-out windows.
 3. Optionally pick each layer's density greedily to meet a target mean loss increase on held-out windows.
+4. MLP routers (ReLU and gated-ReLU MLPs, :mod:`.calibrate_mlp`): trained online during the same forward passes
+   (plus a few passes over the training windows when tokens are few), and the per-batch-size k table built on a
+   bounded sample of held-out tokens.
 
 Routed layers are the attention layers (see :mod:`.instrument`) outside ``dense_layers``: in a hybrid model the
 Mamba, linear-attention or conv layers get no router and stay dense.
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .calibrate_mlp import MlpCalibrator
 from .data import DataError, as_windows
 from .evaluate import Evaluator, Sparsity
 from .instrument import InstrumentedModel, SiteInfo, check_routable, instrument, unit_norms
@@ -67,6 +71,10 @@ def calibrate(
     cache_dir: str | Path | None = None,
     seed: int = 0,
     progress: bool = True,
+    mlp_rank: int | str | None = "auto",
+    mlp_recall: float = 0.99,
+    mlp_heldout_tokens: int = 4096,
+    mlp_steps: int = 300,
 ) -> RouterBank:
     """Train per-layer attention routers for ``model`` on ``data`` and return them as a :class:`RouterBank`.
 
@@ -76,6 +84,12 @@ def calibrate(
     windows is held out for recall and density selection. ``density`` is each layer's kept fraction, unless
     ``target_loss_increase`` (mean NLL increase in nats per token over dense) picks per-layer densities.
     Features are memory-mapped under ``cache_dir`` (a temporary directory by default).
+
+    MLP routers: ``mlp_rank`` is the router rank, ``"auto"`` (the default: MLP routers when the model has ReLU
+    MLPs, none otherwise, rank from :func:`.calibrate_mlp.auto_rank`), or 0 / None (none). The k table reaches mean
+    union recall ``mlp_recall`` on up to ``mlp_heldout_tokens`` held-out tokens per layer; each router gets at least
+    ``mlp_steps`` Adam steps (more passes over the training windows when they are few). An explicit rank on a
+    model without ReLU MLPs raises :class:`~.instrument.InstrumentError` naming the activation found.
 
     Routers are trained for the attention layers not in ``dense_layers``. Raises
     :class:`~.instrument.InstrumentError` for a model with no attention the matcher can route (a state-space
@@ -102,11 +116,16 @@ def calibrate(
     if expected is not None and set(expected) <= set(dense_layers):
         raise _nothing_to_route(expected, dense_layers)
     per_window = min(seq_len, math.ceil((samples or len(windows) * seq_len) / len(windows)))
+    mlp = None
+    if mlp_rank not in (0, None):
+        mlp = MlpCalibrator(rank=mlp_rank, dense_layers=dense_layers, train_windows=len(windows) - n_heldout,
+                            heldout_windows=n_heldout, batch_size=batch_size, seq_len=seq_len,
+                            capacity=mlp_heldout_tokens, min_steps=mlp_steps, seed=seed)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix="polar-calibrate-") as directory:
         candidates = [layer for layer in range(shape.num_layers) if layer not in set(dense_layers)]
         store = FeatureStore(Path(directory), candidates, len(windows) * per_window, shape)
         found = collect(model, windows, store, per_window=per_window, batch_size=batch_size, seed=seed,
-                        progress=progress)
+                        progress=progress, mlp=mlp)
         layers = store.layers
         if not layers:
             raise _nothing_to_route(found.layers, dense_layers)
@@ -121,13 +140,18 @@ def calibrate(
                 recall = router_recall(linear(x[split:]), norms[split:], k)
             weights[layer], biases[layer] = router_from_linear(linear)
             reports.append(LayerReport(layer, split, len(x) - split, loss, recall, time.perf_counter() - start))
-    bank = RouterBank(shape, weights, biases, dict.fromkeys(layers, float(density)), provenance={
+    mlp_routers, mlp_provenance = None, {"off": "mlp_rank is 0"}
+    if mlp is not None:
+        mlp_routers, mlp_reports = mlp.finish(shape.num_layers, recall=mlp_recall)
+        mlp_provenance = (mlp.provenance(mlp_reports, mlp_recall) if mlp_routers is not None
+                          else {"off": found.mlp_absent or "no ReLU MLP outside dense_layers"})
+    bank = RouterBank(shape, weights, biases, dict.fromkeys(layers, float(density)), mlp=mlp_routers, provenance={
         "data": str(data) if isinstance(data, (str, Path)) else type(data).__name__,
         "windows": len(windows), "seq_len": seq_len, "tokens": len(windows) * seq_len,
         "heldout_windows": n_heldout, "samples_per_layer": len(windows) * per_window,
         "loss": "norm-gap-weighted pairwise logistic (RankNet)", "density": density,
         "attention_layers": found.layers, "skipped_sites": found.skipped,
-        "layers": [asdict(r) for r in reports],
+        "layers": [asdict(r) for r in reports], "mlp": mlp_provenance,
     })
     if target_loss_increase is not None:
         bank.densities = select_densities(model, bank, windows[-n_heldout:], target_loss_increase,
@@ -181,20 +205,22 @@ class FeatureStore:
 
 
 def collect(model: nn.Module, windows: Tensor, store: FeatureStore, *, per_window: int, batch_size: int = 8,
-            seed: int = 0, progress: bool = True) -> InstrumentedModel:
+            seed: int = 0, progress: bool = True, mlp: MlpCalibrator | None = None) -> InstrumentedModel:
     """Run windows ``[n, T + 1]`` through the instrumented model; store ``per_window`` random positions per window
     for each attention layer the store accepts. Returns the instrumented model (its attention layers, the SDPA
     calls it skipped).
 
-    Positions are drawn per window (sorted), the same for every layer; rows are stored in window order.
+    Positions are drawn per window (sorted), the same for every layer; rows are stored in window order. With
+    ``mlp``, every ReLU MLP also feeds it (one pass, then ``mlp.passes - 1`` more over its training windows, which
+    store no attention features); an explicit MLP rank on a model without ReLU MLPs fails after the first batch.
     """
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    positions: list[Tensor] = []  # [B, per_window] of the current batch
+    positions: list[Tensor] = []  # [B, per_window] of the current batch; empty: store nothing
 
     def record(site: SiteInfo, x: Tensor, out: Tensor) -> Tensor:
         # x: [B, T, hidden]   out: [B, H, T, D]
-        if store.accepts(site.layer):
+        if positions and store.accepts(site.layer):
             index = positions[0].to(x.device)
             x_kept = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))  # [B, per_window, hidden]
             norms = unit_norms(out, site.units)  # [B, T, units]
@@ -202,13 +228,24 @@ def collect(model: nn.Module, windows: Tensor, store: FeatureStore, *, per_windo
             store.append(site.layer, x_kept.flatten(0, 1), norms_kept.flatten(0, 1))
         return out
 
-    instrumented = instrument(model, record)
+    instrumented = instrument(model, record, mlp_hook=mlp)
     seq_len = windows.shape[1] - 1
     for start in tqdm(range(0, len(windows), batch_size), desc="collect", disable=not progress):
         batch = windows[start : start + batch_size, :-1]
         order = torch.rand(len(batch), seq_len, generator=generator).argsort(dim=1)
         positions[:] = [order[:, :per_window].sort(dim=1).values]
+        if mlp is not None:
+            mlp.begin_batch(range(start, start + len(batch)))
         instrumented(batch.to(device))
+        if mlp is not None and mlp.required and start == 0:
+            instrumented.require_mlp()
+    positions.clear()
+    if mlp is not None and instrumented.mlp_layers:
+        train = windows[: mlp.train_windows, :-1]
+        for _ in tqdm(range(1, mlp.passes), desc="MLP router passes", disable=not progress):
+            for start in range(0, len(train), batch_size):
+                mlp.begin_batch(range(start, start + len(train[start : start + batch_size])), heldout=False)
+                instrumented(train[start : start + batch_size].to(device))
     return instrumented
 
 

@@ -123,6 +123,15 @@ def _share(text: str) -> float:
     return value
 
 
+def _mlp_rank(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    value = _number(text, "MLP router rank", int)
+    if value < 0:
+        raise ValueError(f"MLP router rank must be 'auto', 0 (no MLP routers) or a positive int, got {value}")
+    return value
+
+
 def _positive(text: str) -> float:
     value = _number(text, "value")
     if not value > 0:
@@ -235,6 +244,9 @@ def _add_calibrate(subparsers: Any) -> None:
                         help="pick per-layer densities for this mean NLL increase (nats/token) on held-out text")
     parser.add_argument("--cache-dir", type=_checked(_existing_folder), default=None,
                         help="existing folder where collected features are memory-mapped (default: a temporary one)")
+    parser.add_argument("--mlp-rank", type=_checked(_mlp_rank), default="auto",
+                        help="MLP router rank: N, auto (default: routers for ReLU MLPs, their weights about 3%% of "
+                        "the MLP's) or 0 (no MLP routers)")
     parser.set_defaults(func=_calibrate)
 
 
@@ -246,7 +258,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     bank = calibrate(
         model, args.data, tokenizer=tokenizer, density=args.density, tokens=args.tokens, samples=args.samples,
         batch_size=args.batch_size, seq_len=args.seq_len, heldout=args.heldout, dense_layers=args.dense_layers,
-        target_loss_increase=args.target_loss_increase, cache_dir=args.cache_dir,
+        target_loss_increase=args.target_loss_increase, cache_dir=args.cache_dir, mlp_rank=args.mlp_rank,
     )
     bank.provenance["model"] = args.model
     bank.provenance["seconds"] = round(time.perf_counter() - start, 1)
@@ -255,8 +267,25 @@ def _calibrate(args: argparse.Namespace) -> int:
     for report in bank.provenance["layers"]:
         layer = report["layer"]
         print(f"| {layer} | {bank.densities[layer]:g} | {report['recall']:.3f} | {report['loss']:.4f} |")
+    _print_mlp_table(bank)
     print(f"saved {args.out} ({bank.provenance['seconds']} s)")
     return 0
+
+
+def _print_mlp_table(bank: Any) -> None:
+    """The MLP routers' k per layer and batch size (held-out union recall in brackets), or why there are none."""
+    mlp = bank.provenance.get("mlp", {})
+    if bank.mlp is None:
+        print(f"\nno MLP routers: {mlp.get('off', 'none calibrated')}")
+        return
+    sizes = sorted(bank.mlp.topk)
+    print(f"\nMLP routers, rank {bank.mlp.rank}: neurons kept of {bank.mlp.ffn_size} by batch size (held-out union "
+          f"recall; target {mlp.get('recall_target')})")
+    print("| layer | " + " | ".join(f"B={size}" for size in sizes) + " |\n|---|" + "---|" * len(sizes))
+    for report in mlp.get("layers", []):
+        cells = [f"{'dense' if report['topk'].get(str(b)) is None else report['topk'][str(b)]} "
+                 f"({report['recall'].get(str(b), float('nan')):.3f})" for b in sizes]
+        print(f"| {report['layer']} | " + " | ".join(cells) + " |")
 
 
 def _add_eval(subparsers: Any) -> None:
@@ -264,7 +293,8 @@ def _add_eval(subparsers: Any) -> None:
         "eval", help="perplexity vs density: dense, oracle top-k, learned routers",
         description="Perplexity of --data at each density for dense, the oracle top-k and (with --routers) the "
         "learned routers, with the backend's sparse semantics applied to whole sequences, plus how often greedy "
-        "continuations agree with dense.")
+        "continuations agree with dense. A bank with MLP routers adds MLP sparsity (per token, the batch-size-1 "
+        "row of its k table; alone and with the attention routers) and the MLP union recall by batch size.")
     _model_arguments(parser)
     parser.add_argument("--routers", default=None, help="router bank folder (omit for dense + oracle only)")
     parser.add_argument("--data", required=True,

@@ -1,10 +1,17 @@
-"""Perplexity and greedy-generation agreement of a model under head sparsity: dense, oracle top-k, or routers.
+"""Perplexity and greedy-generation agreement of a model under head and neuron sparsity: dense, oracle, routers.
 
 The sparse path uses the same matcher as the backend (through :mod:`.instrument`): at every routed site, per
 token, ``keep[b, t]`` marks the top-k units by router score ``linear(router_input, W, b)`` (``polar::route``, the
 op ``passes/attention.py`` inserts for a decode token) or by the true per-unit output norms (oracle); the SDPA output
 becomes ``out * keep`` expanded to the unit's heads, so a dropped unit's heads give exactly zero. Layers without a
 router (layer 0 by default, and the layers of a hybrid model that have no attention) stay dense.
+
+MLP sparsity (a bank with MLP routers, ReLU MLPs): per token, the neurons outside the top-k of the router's scores
+(:func:`.instrument_mlp.neuron_scores`, k from the bank's table row for batch size 1) are zeroed in the down
+projection's input: what a decode step of batch 1 computes. Method 'mlp' routes the MLPs only, 'routers+mlp' both
+halves. Union recall by batch size: on a bounded sample of the dense pass's tokens, batches of B tokens from
+different windows, the mean share of the union of their active neurons that the router's top-k (the table's k for
+B, scores summed over the batch) covers; the same measure calibration builds the table from.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .instrument import SiteInfo, check_routable, instrument, unit_norms
+from .calibrate_mlp import table_recall
+from .instrument import InstrumentedModel, SiteInfo, check_routable, instrument, unit_norms
+from .instrument_mlp import MlpGate, TokenSample
 from .routers import ModelShape, RouterBank, RouterBankError, kept_units
 
 __all__ = [
@@ -34,29 +43,35 @@ __all__ = [
     "plot_report",
 ]
 
-METHODS = ("dense", "oracle", "routers")
+METHODS = ("dense", "oracle", "routers", "mlp", "routers+mlp")
+MLP_METHODS = ("mlp", "routers+mlp")  # need a bank with MLP routers
 
 
 @dataclass(frozen=True)
 class Sparsity:
-    """Which units each layer keeps: ``method`` ranks them ('dense', 'oracle' or 'routers'), ``kept[layer]`` = k."""
+    """Which units each layer keeps: ``method`` ranks them ('dense', 'oracle' or 'routers'), ``kept[layer]`` = k;
+    ``mlp_batch``: the MLPs keep the bank's k for this batch size per token (None: MLPs dense)."""
 
     method: str = "dense"
     kept: tuple[tuple[int, int], ...] = ()  # ((layer, k), ...) for the gated layers
+    mlp_batch: int | None = None
 
     @classmethod
     def at_density(cls, method: str, density: float, layers: Sequence[int], units: int) -> Sparsity:
-        """``method`` keeping ``kept_units(density, units)`` units in each of ``layers`` (dense: none gated)."""
+        """``method`` keeping ``kept_units(density, units)`` units in each of ``layers`` (dense: none gated);
+        'mlp' routes the MLPs only (the bank's batch-size-1 row), 'routers+mlp' attention and MLPs."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-        if method == "dense":
-            return cls()
-        return cls(method, tuple((layer, kept_units(density, units)) for layer in layers))
+        if method in ("dense", "mlp"):
+            return cls(mlp_batch=1 if method == "mlp" else None)
+        attention = "routers" if method == "routers+mlp" else method
+        mlp_batch = 1 if method == "routers+mlp" else None
+        return cls(attention, tuple((layer, kept_units(density, units)) for layer in layers), mlp_batch)
 
     def key(self, units: int) -> tuple:
         """Equal for specs that compute the same thing (a layer keeping every unit is dense)."""
         gated = tuple((layer, k) for layer, k in self.kept if k < units)
-        return (self.method if gated else "dense", gated)
+        return (self.method if gated else "dense", gated, self.mlp_batch)
 
 
 class _Gate:
@@ -101,8 +116,10 @@ class Evaluator:
         self.progress = progress
         self.device = next(model.parameters()).device
         self._gate = _Gate(bank)
-        self._model = instrument(model, self._gate)
+        self._mlp_gate = MlpGate(bank.mlp) if bank is not None and bank.mlp is not None else None
+        self._model: InstrumentedModel = instrument(model, self._gate, mlp_hook=self._mlp_gate)
         self._bank_checked = bank is None
+        self._samples: dict[int, TokenSample] | None = None
 
     def routed_layers(self) -> list[int]:
         """The gated layers: the bank's, or without a bank every attention layer but layer 0 (the oracle protocol;
@@ -116,28 +133,59 @@ class Evaluator:
         """``method`` at one density for every routed layer."""
         return Sparsity.at_density(method, density, self.routed_layers(), self.shape.num_kv_heads)
 
-    def token_nll(self, windows: Tensor, sparsity: Sparsity, desc: str = "") -> Tensor:
-        """Per-token NLL ``[n, T]`` of windows ``[n, T + 1]`` (inputs ``w[:, :-1]``, targets ``w[:, 1:]``)."""
+    def token_nll(self, windows: Tensor, sparsity: Sparsity, desc: str = "", *, sample_mlp: int = 0) -> Tensor:
+        """Per-token NLL ``[n, T]`` of windows ``[n, T + 1]`` (inputs ``w[:, :-1]``, targets ``w[:, 1:]``).
+
+        ``sample_mlp``: keep up to this many tokens per MLP layer (spread over the windows) for
+        :meth:`union_recall`; only with dense MLPs (the active sets must be the dense model's).
+        """
         if sparsity.method == "routers" and self.bank is None:
             raise ValueError("method 'routers' needs a router bank")
-        self._gate.sparsity = sparsity
+        if sparsity.mlp_batch is not None and self._mlp_gate is None:
+            raise ValueError("MLP sparsity needs a router bank with MLP routers")
+        if sample_mlp and (self._mlp_gate is None or sparsity.mlp_batch is not None):
+            raise ValueError("sample_mlp needs a bank with MLP routers and a pass with dense MLPs")
+        self._apply(sparsity)
+        if self._mlp_gate is not None:
+            self._mlp_gate.samples = {} if sample_mlp else None
+            self._mlp_gate.capacity = sample_mlp
+            self._mlp_gate.per_window = max(1, math.ceil(sample_mlp / len(windows)))
         losses = []
         batches = range(0, len(windows), self.batch_size)
-        for start in tqdm(batches, desc=desc or sparsity.method, disable=not self.progress, leave=False):
-            batch = windows[start : start + self.batch_size].to(self.device)
-            logits = self._run(batch[:, :-1])  # [B, T, vocab]
-            nll = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
-            losses.append(nll.view(len(batch), -1).cpu())
+        try:
+            for start in tqdm(batches, desc=desc or sparsity.method, disable=not self.progress, leave=False):
+                batch = windows[start : start + self.batch_size].to(self.device)
+                if self._mlp_gate is not None:
+                    self._mlp_gate.rows = torch.arange(start, start + len(batch))
+                logits = self._run(batch[:, :-1])  # [B, T, vocab]
+                nll = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
+                losses.append(nll.view(len(batch), -1).cpu())
+        finally:
+            if self._mlp_gate is not None:
+                self._samples, self._mlp_gate.samples = self._mlp_gate.samples, None
         return torch.cat(losses)
+
+    def union_recall(self, draws: int = 256, seed: int = 0) -> tuple[dict[int, float], dict[int, float]]:
+        """Per tabulated batch size B (up to the sampled tokens): the mean over MLP-routed layers of the union recall
+        at the table's k (:func:`.calibrate_mlp.table_recall`), and of the share of neurons kept. Uses the tokens
+        sampled by the last ``token_nll(..., sample_mlp=N)``."""
+        if not self._samples:
+            raise ValueError("union_recall needs a dense pass first: token_nll(windows, dense, sample_mlp=N)")
+        return table_recall(self._samples, self.bank.mlp, draws=draws, seed=seed)
 
     def greedy(self, prompts: Tensor, new_tokens: int, sparsity: Sparsity) -> Tensor:
         """Greedy continuations ``[P, new_tokens]`` of prompts ``[P, T0]``, recomputing the full sequence each step."""
-        self._gate.sparsity = sparsity
+        self._apply(sparsity)
         tokens = prompts.to(self.device)
         for _ in range(new_tokens):
             next_token = self._run(tokens)[:, -1].argmax(-1)  # [P]
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
         return tokens[:, prompts.shape[1] :].cpu()
+
+    def _apply(self, sparsity: Sparsity) -> None:
+        self._gate.sparsity = sparsity
+        if self._mlp_gate is not None:
+            self._mlp_gate.batch_size = sparsity.mlp_batch
 
     def _run(self, input_ids: Tensor) -> Tensor:
         """Logits ``[B, T, vocab]`` of the instrumented model; the first run checks the bank's layers."""
@@ -149,6 +197,14 @@ class Evaluator:
                     f"router bank has routers for layers {extra}, where the model has no attention site to route "
                     f"(its attention layers: {self._model.layers}); a bank for this model routes attention layers only"
                 )
+            if self.bank.mlp is not None:
+                self._model.require_mlp()
+                extra = sorted(set(self.bank.mlp.layers) - set(self._model.mlp_layers))
+                if extra:
+                    raise RouterBankError(
+                        f"router bank has MLP routers for layers {extra}, where the model has no ReLU MLP to route "
+                        f"(its ReLU MLP layers: {self._model.mlp_layers})"
+                    )
             self._bank_checked = True
         return logits
 
@@ -160,12 +216,16 @@ class EvalReport:
     tokens: int
     perplexity: dict[tuple[str, float], float] = field(default_factory=dict)
     agreement: dict[tuple[str, float], float] = field(default_factory=dict)
+    union_recall: dict[int, float] = field(default_factory=dict)  # batch size -> mean MLP union recall at its k
+    union_kept: dict[int, float] = field(default_factory=dict)  # batch size -> mean share of neurons kept
 
     def to_json(self) -> dict:
-        """A JSON-ready dict: ``tokens`` and one row per (method, density)."""
+        """A JSON-ready dict: ``tokens``, one row per (method, density), and (with MLP routers) one ``mlp_union``
+        row per batch size."""
         rows = [{"method": m, "density": d, "perplexity": p, "agreement": self.agreement.get((m, d))}
                 for (m, d), p in self.perplexity.items()]
-        return {"tokens": self.tokens, "rows": rows}
+        union = [{"batch_size": b, "recall": r, "kept": self.union_kept.get(b)} for b, r in self.union_recall.items()]
+        return {"tokens": self.tokens, "rows": rows, **({"mlp_union": union} if union else {})}
 
     @classmethod
     def from_json(cls, data: dict) -> EvalReport:
@@ -175,6 +235,10 @@ class EvalReport:
             report.perplexity[row["method"], row["density"]] = row["perplexity"]
             if row["agreement"] is not None:
                 report.agreement[row["method"], row["density"]] = row["agreement"]
+        for row in data.get("mlp_union", []):
+            report.union_recall[row["batch_size"]] = row["recall"]
+            if row["kept"] is not None:
+                report.union_kept[row["batch_size"]] = row["kept"]
         return report
 
 
@@ -189,19 +253,29 @@ def evaluate(
     prompts: int = 8,
     prompt_len: int = 32,
     new_tokens: int = 32,
+    mlp_sample: int = 4096,
     progress: bool = True,
 ) -> EvalReport:
     """Perplexity of ``windows`` ``[n, T + 1]`` for each method at each density, plus greedy-token agreement.
 
     Agreement: greedy continuations of ``prompts`` prompts (the first ``prompt_len`` tokens of the first
-    windows), position by position, the share equal to dense's. Equal configurations run once.
+    windows), position by position, the share equal to dense's. Equal configurations run once. 'routers' needs a
+    bank, 'mlp' and 'routers+mlp' one with MLP routers; with those, the dense pass also samples up to
+    ``mlp_sample`` tokens per MLP layer for the union recall by batch size.
     """
-    methods = [m for m in methods if m != "routers" or bank is not None]
+    has_mlp = bank is not None and bank.mlp is not None
+    methods = [m for m in methods if (m != "routers" or bank is not None) and (m not in MLP_METHODS or has_mlp)]
     evaluator = Evaluator(model, bank, batch_size=batch_size, progress=progress)
     units = evaluator.shape.num_kv_heads
     prompt_ids = windows[:prompts, :prompt_len]
     report = EvalReport(tokens=windows[:, 1:].numel())
     done: dict[tuple, tuple[float, Tensor]] = {}
+    if has_mlp or "dense" in methods or prompts:  # dense first: the agreement's reference, the MLPs' truth
+        nll = evaluator.token_nll(windows, Sparsity(), desc="dense", sample_mlp=mlp_sample if has_mlp else 0)
+        generated = evaluator.greedy(prompt_ids, new_tokens, Sparsity()) if prompts else None
+        done[Sparsity().key(units)] = (math.exp(nll.double().mean().item()), generated)
+    if has_mlp:
+        report.union_recall, report.union_kept = evaluator.union_recall()
     for method in methods:
         for density in densities:
             sparsity = evaluator.sparsity(method, density)
@@ -232,20 +306,31 @@ def format_report(report: EvalReport) -> str:
             agree = report.agreement.get((method, d))
             cells.append("" if ppl is None else f"{ppl:.2f}" + ("" if agree is None else f" ({agree:.0%})"))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines.append(f"\nperplexity over {report.tokens} predicted tokens (greedy-token agreement with dense)")
+    lines.append(f"\nperplexity over {report.tokens} predicted tokens (greedy-token agreement with dense); "
+                 "mlp: the MLP router's top-k per token at the batch-size-1 row, attention dense")
+    if report.union_recall:
+        sizes = sorted(report.union_recall)
+        lines += ["", "| MLP, batch size | " + " | ".join(map(str, sizes)) + " |", "|---|" + "---|" * len(sizes),
+                  "| union recall | " + " | ".join(f"{report.union_recall[b]:.4f}" for b in sizes) + " |",
+                  "| neurons kept | " + " | ".join(f"{report.union_kept.get(b, 1.0):.0%}" for b in sizes) + " |",
+                  "\nunion recall: mean over MLP-routed layers of the share of a batch's active neurons (union over "
+                  "its tokens) in the router's top-k at the table's k; a layer dense at B counts 1"]
     return "\n".join(lines)
 
 
 def plot_report(reports: dict[str, EvalReport], path: str | Path) -> Path:
-    """A PNG of perplexity vs density, one panel per named report (e.g. per model)."""
+    """A PNG of perplexity vs density, one panel per named report (e.g. per model); below, where a report has
+    MLP routers, the union recall and the neurons kept by batch size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(reports), figsize=(5 * len(reports), 4), squeeze=False)
-    for ax, (name, report) in zip(axes[0], reports.items(), strict=True):
-        for method, style in zip(METHODS, ("k--", "g-o", "b-s"), strict=True):
+    rows = 2 if any(r.union_recall for r in reports.values()) else 1
+    fig, axes = plt.subplots(rows, len(reports), figsize=(5 * len(reports), 4 * rows), squeeze=False)
+    for column, (name, report) in enumerate(reports.items()):
+        ax = axes[0][column]
+        for method, style in zip(METHODS, ("k--", "g-o", "b-s", "m:", "r-^"), strict=True):
             points = sorted((d, p) for (m, d), p in report.perplexity.items() if m == method)
             if points:
                 ax.plot(*zip(*points, strict=True), style, label=method)
@@ -253,11 +338,24 @@ def plot_report(reports: dict[str, EvalReport], path: str | Path) -> Path:
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
         ax.legend()
+        if rows == 2:
+            _plot_union(axes[1][column], report)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _plot_union(ax: Any, report: EvalReport) -> None:
+    sizes = sorted(report.union_recall)
+    if sizes:
+        ax.plot(sizes, [report.union_recall[b] for b in sizes], "r-o", label="union recall")
+        ax.plot(sizes, [report.union_kept.get(b, 1.0) for b in sizes], "b-s", label="neurons kept")
+        ax.set_xscale("log", base=2)
+        ax.legend()
+    ax.set(xlabel="batch size (MLP k table row)", ylabel="share", ylim=(0, 1.05))
+    ax.grid(alpha=0.3)
 
 
 def decode_token_nll(step: Callable[..., Any], model: nn.Module, windows: Tensor) -> Tensor:

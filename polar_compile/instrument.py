@@ -11,6 +11,10 @@ or, where the config has no ``layer_types``, the layers in which the matcher fin
 not a decoder layer's own self-attention (cross-attention, calls outside the layer list) are skipped, and why is
 kept in :attr:`InstrumentedModel.skipped`.
 
+With ``mlp_hook``, every ReLU MLP inside a decoder layer also passes its hidden activation through it (the matcher's
+MLP half; see :mod:`.instrument_mlp` for what the hook sees). MLPs with other activations are left alone, and
+:meth:`InstrumentedModel.require_mlp` names the activation found when a caller needs ReLU MLPs.
+
 :class:`InstrumentError` names what cannot be instrumented: an encoder-decoder model, a model with no attention
 the matcher can route (a state-space model, attention that does not call SDPA), an attention layer without a
 routable site, and a site that routers sized from the config would not fit.
@@ -27,15 +31,18 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
+from .instrument_mlp import MlpHook, MlpInfo, MlpTrace, insert_mlp_hooks
 from .passes.attention import NOT_SDPA_NOTE
 from .passes.graph import op_name
 from .passes.match import AttentionSite, find_attention_sites
+from .passes.match_mlp import find_mlp_sites
 from .passes.routing import strip_router_markers
 from .routers import ModelShape
 
 __all__ = [
     "InstrumentError",
     "InstrumentedModel",
+    "MlpInfo",
     "SiteInfo",
     "attention_layers",
     "check_routable",
@@ -126,8 +133,9 @@ class InstrumentedModel:
     """A causal LM whose attention outputs pass through a hook; call it with ``input_ids [B, T]`` for logits."""
 
     def __init__(self, compiled: Callable[..., Any], model: nn.Module, expected: list[int] | None,
-                 trace: _Trace) -> None:
+                 trace: _Trace, mlp_trace: MlpTrace | None = None) -> None:
         self._compiled, self._name, self._expected, self._trace = compiled, _describe(model), expected, trace
+        self._mlp = mlp_trace
 
     @property
     def layers(self) -> list[int]:
@@ -139,10 +147,34 @@ class InstrumentedModel:
         """The SDPA calls left alone, as ``"module (layer i): why it is not a decoder layer's self-attention"``."""
         return list(self._trace.skipped)
 
+    @property
+    def mlp_layers(self) -> list[int]:
+        """The layers whose ReLU MLP passes through the MLP hook (known after the first call; [] without one)."""
+        return sorted(self._mlp.owned) if self._mlp is not None else []
+
+    @property
+    def mlp_absent(self) -> str | None:
+        """Why no MLP is hooked (the activation found, ...), or None when some is (or no MLP hook was asked for)."""
+        if self._mlp is None or self._mlp.owned:
+            return None
+        return self._mlp.why_none(self._name)
+
+    def require_mlp(self) -> None:
+        """Raise :class:`InstrumentError` unless some ReLU MLP is hooked, naming the activation found instead
+        (e.g. 'silu has no exact zeros'). Call it after the first call."""
+        if self._mlp is None:
+            raise InstrumentError(f"{self._name} was instrumented without an MLP hook")
+        if not self._mlp.owned:
+            raise InstrumentError(self.mlp_absent)
+
     @torch.no_grad()
     def __call__(self, input_ids: Tensor) -> Tensor:
-        """Logits ``[B, T, vocab]``; raises :class:`InstrumentError` if an attention layer's hook did not run."""
+        """Logits ``[B, T, vocab]``; raises :class:`InstrumentError` if an attention layer's hook (or a hooked
+        MLP's) did not run."""
         self._trace.seen.clear()
+        if self._mlp is not None:
+            self._mlp.seen.clear()
+            self._mlp.batch = tuple(input_ids.shape)
         logits = self._compiled(input_ids=input_ids, use_cache=False).logits
         self._check()
         return logits
@@ -157,6 +189,9 @@ class InstrumentedModel:
         missing = sorted(expected - trace.seen)
         if missing:
             raise InstrumentError(self._why_missing(missing))
+        if self._mlp is not None and self._mlp.owned - self._mlp.seen:
+            raise InstrumentError(f"{self._name}: the MLP hook did not run for layers "
+                                  f"{sorted(self._mlp.owned - self._mlp.seen)} (did Dynamo run them eagerly?)")
 
     def _why_no_site(self) -> str:
         trace = self._trace
@@ -188,8 +223,9 @@ class InstrumentedModel:
         return f"{self._name}: " + "; ".join(parts)
 
 
-def instrument(model: nn.Module, hook: SiteHook) -> InstrumentedModel:
-    """``model`` compiled so that every attention site's output passes through ``hook`` (see module docstring).
+def instrument(model: nn.Module, hook: SiteHook, mlp_hook: MlpHook | None = None) -> InstrumentedModel:
+    """``model`` compiled so that every attention site's output passes through ``hook`` and, with ``mlp_hook``,
+    every ReLU MLP's hidden activation through ``mlp_hook`` (see module docstring).
 
     Raises :class:`InstrumentError` for models :func:`check_routable` refuses; the graph's own problems are raised
     by the first call.
@@ -197,10 +233,12 @@ def instrument(model: nn.Module, hook: SiteHook) -> InstrumentedModel:
     expected = check_routable(model)
     shape = ModelShape.of(model)
     trace = _Trace()
+    mlp_trace = MlpTrace() if mlp_hook is not None else None
 
     def backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         strip_router_markers(gm)  # routers attached to the model play no part here
         sites = find_attention_sites(gm)
+        mlp_sites = find_mlp_sites(gm) if mlp_hook is not None else []  # matched before any hook goes in
         trace.graphs += 1
         trace.softmax_without_sdpa |= not sites and any(op_name(node) == "softmax" for node in gm.graph.nodes)
         owned = [site for site in sites if site.ownership_reason is None]
@@ -216,11 +254,13 @@ def instrument(model: nn.Module, hook: SiteHook) -> InstrumentedModel:
                 continue
             trace.owned.add(int(site.layer))
             _insert_hook(gm, site, SiteInfo(int(site.layer), site.num_heads, units), hook, trace.seen)
+        if mlp_hook is not None:
+            insert_mlp_hooks(gm, mlp_sites, mlp_hook, mlp_trace)
         gm.graph.lint()
         gm.recompile()
         return gm.forward
 
-    return InstrumentedModel(torch.compile(model, backend=backend), model, expected, trace)
+    return InstrumentedModel(torch.compile(model, backend=backend), model, expected, trace, mlp_trace)
 
 
 def _site_problem(site: AttentionSite, shape: ModelShape, units: int, in_layer: int, owned: list[AttentionSite]
