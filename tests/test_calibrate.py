@@ -143,7 +143,8 @@ def test_a_config_that_disagrees_with_the_traced_graph_names_the_layer():
 @pytest.mark.parametrize("spec", [LLAMA, OPT], ids=["gqa", "mha"])
 def test_saved_bank_drives_the_backend_with_evals_per_token_losses(spec, tmp_path):
     model = tiny_model(spec, seed=5)
-    bank = calibrate(model, random_windows(6, 16, seed=6), seq_len=16, heldout=0.34, progress=False)
+    bank = calibrate(model, random_windows(6, 16, seed=6), seq_len=16, heldout=0.34, progress=False, mlp_rank=0)
+    assert bank.mlp is None and bank.provenance["mlp"] == {"off": "mlp_rank is 0"}  # attention only, as eval's
     loaded = RouterBank.load(bank.save(tmp_path / "bank"))
     for layer in bank.layers:
         assert torch.equal(loaded.weights[layer], bank.weights[layer])
@@ -192,3 +193,18 @@ def test_density_selection_meets_the_target_and_stops_at_it():
         if k > 1:
             smaller = tuple((other, k2 - (other == layer)) for other, k2 in kept)
             assert evaluator.token_nll(windows, Sparsity("routers", smaller)).mean().item() - dense > target
+
+
+def test_by_default_relu_models_get_mlp_routers_that_survive_the_round_trip(tmp_path):
+    model = tiny_model(OPT, seed=5)  # OPT's MLP is ReLU; the Llama's is SiLU
+    bank = calibrate(model, random_windows(8, 16, seed=6), seq_len=16, heldout=0.25, progress=False, mlp_steps=4)
+    assert bank.mlp is not None and bank.mlp.layers == [1, 2] and bank.mlp.rank == 32  # "auto": at least 32
+    assert [r["layer"] for r in bank.provenance["mlp"]["layers"]] == [1, 2]
+    loaded = RouterBank.load(bank.save(tmp_path / "bank"))
+    assert loaded.mlp.topk == bank.mlp.topk and loaded.provenance == bank.provenance
+    for layer in bank.mlp.layers:
+        assert torch.equal(loaded.mlp.w_in[layer], bank.mlp.w_in[layer])
+        assert torch.equal(loaded.mlp.w_out[layer], bank.mlp.w_out[layer])
+    llama = calibrate(tiny_model(LLAMA, seed=1), random_windows(6, 16, seed=2), seq_len=16, heldout=0.3,
+                      progress=False)
+    assert llama.mlp is None and "activation is silu, which has no exact zeros" in llama.provenance["mlp"]["off"]

@@ -96,6 +96,9 @@ def test_plain_text_strips_rst_markup():
     (["calibrate", "--seq-len", "0"], "argument --seq-len: --seq-len must be at least 1, got 0"),
     (["calibrate", "--tokens", "many"], "argument --tokens: --tokens 'many' is not an integer"),
     (["calibrate", "--target-loss-increase", "-0.1"], "argument --target-loss-increase: must be > 0, got -0.1"),
+    (["calibrate", "--mlp-rank", "big"], "argument --mlp-rank: MLP router rank 'big' is not an integer"),
+    (["calibrate", "--mlp-rank", "-16"], "argument --mlp-rank: MLP router rank must be 'auto', 0 (no MLP routers) or "
+                                         "a positive int, got -16"),
     (["calibrate", "--device", "gpu"], "argument --device: device 'gpu' is not usable here"),
     (["calibrate", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
     (["eval", "--densities", "1,1.5"], "argument --densities: density must be a number in (0, 1], got 1.5"),
@@ -238,3 +241,11 @@ def test_a_model_without_sdpa_attention_is_one_line(capsys, tmp_path, text_file)
                        "--out", str(tmp_path / "bank")],
                       "does not support an attention implementation through "
                       "torch.nn.functional.scaled_dot_product_attention", capsys)
+
+
+def test_mlp_rank_on_a_model_without_relu_mlps_is_one_line(capsys, tmp_path, model_dir, text_file):
+    common = ["calibrate", "--model", str(model_dir), "--data", str(text_file), "--seq-len", "16"]
+    assert_user_error([*common, "--out", str(tmp_path / "bank"), "--mlp-rank", "32"],
+                      "has no ReLU MLP to route: its MLPs' activation is silu, which has no exact zeros", capsys)
+    status, out, _ = run([*common, "--out", str(tmp_path / "auto")], capsys)  # auto: attention routers only
+    assert status == 0 and "no MLP routers: " in out and "silu" in out

@@ -112,6 +112,24 @@ def test_cli_calibrate_then_eval(tmp_path, capsys):
     assert (tmp_path / "two.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cli_calibrates_mlp_routers_and_evals_mlp_sparsity(tmp_path, capsys):
+    model_dir, text = tmp_path / "model", tmp_path / "text.txt"
+    tiny_model(OPT, seed=4).save_pretrained(model_dir)  # a ReLU MLP
+    tiny_tokenizer().save_pretrained(model_dir)
+    text.write_text(random_text(600, seed=5))
+    common = ["--model", str(model_dir), "--seq-len", "32", "--batch-size", "4"]
+    assert main(["calibrate", *common, "--data", str(text), "--out", str(tmp_path / "bank"), "--mlp-rank", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "MLP routers, rank 16: neurons kept of 128 by batch size" in out and "| layer | B=1 | B=2 |" in out
+    assert main(["eval", *common, "--routers", str(tmp_path / "bank"), "--data", str(text), "--densities", "1,0.5",
+                 "--prompts", "0", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| mlp |" in out and "| routers+mlp |" in out and "| union recall |" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert {r["method"] for r in report["rows"]} == {"dense", "oracle", "routers", "mlp", "routers+mlp"}
+    assert [row["batch_size"] for row in report["mlp_union"]][:2] == [1, 2]
+
+
 @needs_shared
 def test_dense_perplexity_matches_the_models_readme():
     model, tokenizer = load_shared("tiny-llama-wt2")
