@@ -147,9 +147,10 @@ class MlpCalibrator:
 
     def _new_layer(self, info: MlpInfo, x: Tensor, active: Tensor) -> _Layer:
         rank = auto_rank(info) if self.rank == "auto" else int(self.rank)
-        torch.manual_seed(self.seed + info.layer)  # the routers' initialisation
         scale = 1.0 / x.flatten(0, 1).float().std(0).clamp_min(1e-3)
-        router = _Router(info.hidden, rank, info.ffn, scale)
+        with torch.random.fork_rng(devices=[]):  # the routers' initialisation, leaving the caller's RNG alone
+            torch.manual_seed(self.seed + info.layer)
+            router = _Router(info.hidden, rank, info.ffn, scale.cpu()).to(x.device)
         share = active.float().mean().clamp(1e-3, 1 - 1e-3)
         pos_weight = ((1 - share) / share).clamp(1.0, 10.0).to(x.device)
         optimizer = torch.optim.Adam(router.parameters(), lr=self.lr)
