@@ -23,12 +23,17 @@ from polar_compile.kernels.gather_gemm import (
     gather_up_triton,
 )
 
-GRID = {"block_c": (16, 32, 64), "splits": (1, 2, 4, 8), "num_warps": (4, 8)}
+# per op: block_c, block_r, splits, num_warps (up: longer contiguous row reads; down: wider column slabs)
+GRID = {
+    "up": {"block_c": (16, 32), "block_r": (128, 256, 512), "splits": (1, 4, 8, 16), "num_warps": (4, 8)},
+    "down": {"block_c": (64, 128, 256), "block_r": (32, 64, 128), "splits": (4, 8, 16, 32), "num_warps": (4, 8)},
+}
 
 
-def candidates(heuristic: GatherConfig) -> list[GatherConfig]:
-    """The heuristic's configuration first, then the grid with its block_n and block_r."""
-    grid = [heuristic._replace(block_c=c, splits=s, num_warps=w) for c, s, w in itertools.product(*GRID.values())]
+def candidates(op: str, heuristic: GatherConfig) -> list[GatherConfig]:
+    """The heuristic's configuration first, then the op's grid with its block_n."""
+    grid = [heuristic._replace(block_c=c, block_r=r, splits=s, num_warps=w)
+            for c, r, s, w in itertools.product(*GRID[op].values())]
     return [heuristic, *[config for config in grid if config != heuristic]]
 
 
@@ -56,7 +61,7 @@ def sweep(model: str, batch: int, density: float, log) -> None:
                  lambda s, c: gather_down_triton(s["h"], s["w2t"], s["b2"], s["idx"], config=c)),
     }
     for name, (heuristic, call) in ops.items():
-        times = [(timed(call, config, sets), config) for config in candidates(heuristic)]
+        times = [(timed(call, config, sets), config) for config in candidates(name, heuristic)]
         best_us, best = min(times, key=lambda item: item[0])
         log(f"| {model} | {batch} | {density:g} | {name} | {times[0][0]:.1f} | {best_us:.1f} | "
             f"{times[0][0] / best_us:.2f}x | {tuple(best)} | {tuple(heuristic)} |")

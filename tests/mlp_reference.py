@@ -29,7 +29,7 @@ def decoder_layer_list(model: nn.Module) -> nn.ModuleList:
 def union_scores(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
     """float64 ``sum_rows relu(x @ w_in.T @ w_out.T)`` over every token row of ``x`` ``[..., hidden]``: ``[ffn]``."""
     rows = x.reshape(-1, x.shape[-1]).double()
-    return torch.relu(rows @ w_in.double().T @ w_out.double().T).sum(0)
+    return torch.relu(rows @ w_in.to(rows).T @ w_out.to(rows).T).sum(0)
 
 
 def boundary_gap(scores: torch.Tensor, k: int) -> float:
@@ -44,8 +44,9 @@ def boundary_gap(scores: torch.Tensor, k: int) -> float:
 @contextmanager
 def sparse_mlps(model: nn.Module, family: str, mlp, batch_size: int, gaps: list[float] | None = None
                 ) -> Iterator[None]:
-    """While active, every MLP of a layer with a router keeps only the top-k neurons of the batch's summed router
-    scores (k from the table row for ``batch_size``; None: dense): the down projection's input is zeroed elsewhere.
+    """While active, at decode steps (``batch_size`` tokens), every MLP of a layer with a router keeps only the top-k
+    neurons of the batch's summed router scores (k from the table row for ``batch_size``; None: dense): the down
+    projection's input is zeroed elsewhere. Prefill stays dense.
     Appends each layer's :func:`boundary_gap` to ``gaps``."""
     handles = []
     for index, layer in enumerate(decoder_layer_list(model)):
@@ -56,12 +57,17 @@ def sparse_mlps(model: nn.Module, family: str, mlp, batch_size: int, gaps: list[
         chosen = {}
 
         def capture(module, args, index=index, k=k, chosen=chosen):
+            chosen["mask"] = None
+            if args[0].numel() // args[0].shape[-1] != batch_size:
+                return  # prefill (more tokens than sequences) stays dense
             scores = union_scores(args[0], mlp.w_in[index], mlp.w_out[index])
             chosen["mask"] = torch.zeros_like(scores).index_fill(0, scores.topk(k).indices, 1.0)
             if gaps is not None:
                 gaps.append(boundary_gap(scores, k))
 
         def mask(module, args, chosen=chosen):
+            if chosen["mask"] is None:
+                return None
             return (args[0] * chosen["mask"].to(args[0].dtype),)
 
         handles += [first.register_forward_pre_hook(capture), down.register_forward_pre_hook(mask)]
