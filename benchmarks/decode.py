@@ -5,7 +5,7 @@ GQA-native SDPA, and polar at densities 1.0 and 0.5 (all ``mode="reduce-overhead
         --context 1024,4096,8192 --out out/
 
 A thin wrapper kept so the commands in RESULTS.md stay valid: it runs ``polar-compile bench`` with the same
-arguments (same options, same defaults); the harness lives in ``polar_compile/bench.py``.
+arguments (same options, same defaults); the harness lives in ``polar_compile/bench/``.
 """
 
 from __future__ import annotations

@@ -371,7 +371,7 @@ def _add_bench(subparsers: Any) -> None:
     from . import bench
 
     parser = subparsers.add_parser(
-        "bench", help="decode-throughput benchmark on a CUDA GPU: eager, dense Inductor, polar 1.0 and 0.5",
+        "bench", help="decode-throughput benchmark on a CUDA GPU: eager, dense Inductor, polar attention and MLP",
         description=plain_text(bench.__doc__ or ""), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="llama2-7b,llama3-8b,opt-6.7b", type=_checked(bench.parse_models),
                         help=f"comma-separated model shapes, of: {', '.join(bench.SHAPES)} (default %(default)s)")
@@ -388,6 +388,14 @@ def _add_bench(subparsers: Any) -> None:
                         default=30, help="timed steps per variant, after 3 warm-up steps (default 30)")
     parser.add_argument("--cases", type=_checked(bench.parse_cases),
                         help="MODEL:BATCH:CONTEXT,... instead of the models x batch x context grid")
+    parser.add_argument("--variants", type=_checked(bench.parse_variants), default=None,
+                        help=f"comma-separated variants to run, of: {', '.join(bench.VARIANTS + bench.MLP_VARIANTS)}; "
+                        f"must include {bench.BASELINE}, the baseline (default: all of each shape's; the MLP ones "
+                        "only for shapes with ReLU MLPs)")
+    parser.add_argument("--attn-density", type=_checked(lambda text: bench.parse_density(text, "attn-density")),
+                        default=None, help="attention density of polar-attn and polar-both (default per shape: "
+                        + ", ".join(f"{name} {bench.attention_density(name):g}" for name in bench.MLP_UNION_DENSITIES)
+                        + ")")
     parser.add_argument("--out", type=Path, default=Path("out"),
                         help="directory for decode.json, decode.md, decode.png (default out)")
     parser.add_argument("--report", nargs="+", type=Path, metavar="JSON",
@@ -412,7 +420,8 @@ def _bench(args: argparse.Namespace) -> int:
     except bench.CudaUnavailableError as error:
         print(f"polar-compile bench: error: {error}", file=sys.stderr)
         return 2
-    bench.run_benchmark(cases, repeats=args.repeats, out=args.out, max_layers=args.layers)
+    bench.run_benchmark(cases, repeats=args.repeats, out=args.out, max_layers=args.layers, variants=args.variants,
+                        attn_density=args.attn_density)
     return 0
 
 

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -129,8 +130,9 @@ def test_cli_options_and_defaults_match_the_old_script(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "run_benchmark", lambda cases, **kw: calls.append((list(cases), kw)))
     assert main(["bench"]) == 0
     cases, kwargs = calls.pop()
-    assert cases == grid(list(SHAPES), [1, 16, 64, 128], [1024, 4096, 8192])
+    assert cases == grid(["llama2-7b", "llama3-8b", "opt-6.7b"], [1, 16, 64, 128], [1024, 4096, 8192])
     assert kwargs["max_layers"] is None and kwargs["repeats"] == 30 and str(kwargs["out"]) == "out"  # all layers
+    assert kwargs["variants"] is None and kwargs["attn_density"] is None  # every variant, each shape's density
     # --cases wins over the grid, as in the script
     assert main(["bench", "--models", "opt-6.7b", "--cases", "llama3-8b:64:8192,llama2-7b:1:4096", "--layers", "16",
                  "--repeats", "20", "--out", str(tmp_path)]) == 0
@@ -229,13 +231,20 @@ def with_breakdown(row: dict, dense: tuple[float, ...], sparse: tuple[float, ...
 
 
 def test_breakdown_table_lists_the_rows_that_have_one():
-    rows = [with_breakdown(synthetic_row(), (0.008, 0.0015, 0.0, 0.0005), (0.0042, 0.0015, 0.0001, 0.00051)),
+    rows = [with_breakdown(synthetic_row(), (0.008, 0.0015, 0.0, 0.0, 0.0005), (0.0042, 0.0015, 0.0001, 0.0, 0.00051)),
             synthetic_row(batch=64)]  # measured before the breakdown existed
     lines = breakdown_markdown(rows).splitlines()
-    assert len(lines) == 3 and lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 12
+    assert len(lines) == 4 and {line.count("|") for line in lines} == {11}
     assert [c.strip() for c in lines[2].split("|")[1:-1]] == [
-        "llama3-8b (4 layers)", "16", "1024", "8.000", "1.500", "0.000", "0.500", "4.200", "1.500", "0.100", "0.510"]
+        "llama3-8b (4 layers)", "16", "1024", "inductor-gqa", "8.000", "1.500", "0.000", "0.000", "0.500", "10.000"]
+    assert [c.strip() for c in lines[3].split("|")[4:-1]] == [
+        "polar-0.5", "4.200", "1.500", "0.100", "0.000", "0.510", "6.310"]
     assert breakdown_markdown(rows[1:]) == ""
+    # a row profiled before the "mlp" category existed
+    old = synthetic_row()
+    old["polar-0.5-gpu"] = {"attention": 0.004, "GEMMs": 0.001, "router": 0.0001, "other": 0.0005}
+    assert [c.strip() for c in breakdown_markdown([old]).splitlines()[2].split("|")[4:-1]] == [
+        "polar-0.5", "4.000", "1.000", "0.100", "—", "0.500", "5.600"]
     assert tables(rows) == markdown(rows) + "\n\n" + breakdown_markdown(rows)
     assert tables(rows[1:]) == markdown(rows[1:])
 
@@ -395,4 +404,268 @@ def test_attention_kernels_are_told_from_inductor_kernels_named_after_sdpa():
     ("void at::native::index_elementwise_kernel<128, 4>", "other"),
 ])
 def test_kernel_categories(kernel, category):
+    assert kernel_category(kernel) == category
+
+
+# -- the MLP half: shapes, k tables, rank, variants -----------------------------------------------------------------
+
+
+def test_opt_66b_shape():
+    config = SHAPES["opt-66b"]()
+    assert (config.hidden_size, config.ffn_dim, config.num_attention_heads, config.num_hidden_layers) == (
+        9216, 36864, 72, 64)
+    assert config.activation_function == "relu" and SHAPES["opt-66b"](3).num_hidden_layers == 3
+
+
+def test_union_densities_keep_the_listed_and_interpolate_in_log2_batch():
+    for name, listed in bench.MLP_UNION_DENSITIES.items():
+        full = bench.union_densities(name)
+        assert sorted(full) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+        assert all(full[b] == d for b, d in listed.items())
+    full = bench.union_densities("opt-66b")
+    # independent: numpy's linear interpolation on log2 B between the listed batch sizes 1 and 8
+    sizes = sorted(bench.MLP_UNION_DENSITIES["opt-66b"])
+    for batch in (2, 4):
+        expected = np.interp(np.log2(batch), np.log2(sizes), [bench.MLP_UNION_DENSITIES["opt-66b"][b] for b in sizes])
+        assert full[batch] == pytest.approx(expected, rel=1e-12)
+    assert full[2] == pytest.approx(0.075 + 0.1 / 3) and full[4] == pytest.approx(0.075 + 0.2 / 3)
+    with pytest.raises(KeyError):
+        bench.union_densities("llama2-7b")  # SiLU MLP: no union densities
+
+
+@pytest.mark.parametrize("name", list(bench.MLP_UNION_DENSITIES))
+def test_k_table_from_the_means(name):
+    ffn = SHAPES[name]().ffn_dim
+    densities = bench.union_densities(name)
+    table = bench.mlp_topk(densities, ffn, num_layers=5)
+    assert sorted(table) == sorted(densities)
+    for batch, row in table.items():
+        assert len(row) == 5 and row[0] is None  # layer 0 dense
+        k = row[1]
+        assert set(row[1:]) == {k}  # one k for every routed layer
+        assert k % 64 == 0 and k - 64 < densities[batch] * ffn <= k  # rounded up to the tile
+    assert table[1][1] == (1600 if name == "opt-6.7b" else 2816)  # 0.095 * 16384 = 1556.5; 0.075 * 36864 = 2764.8
+    assert bench.mlp_topk({1: 1.0}, 100, 2) == {1: [None, 100]}  # never past ffn
+    assert bench.mlp_topk({1: 0.1}, 640, 3, first_layer=2) == {1: [None, None, 64]}
+    with pytest.raises(ValueError, match="density must be a number in"):
+        bench.mlp_topk({1: 1.5}, 640, 3)
+
+
+@pytest.mark.parametrize(("hidden", "ffn", "rank"), [(4096, 16384, 192), (9216, 36864, 384), (64, 128, 64)])
+def test_mlp_router_rank_keeps_its_bytes_within_3_percent(hidden, ffn, rank):
+    assert bench.mlp_router_rank(hidden, ffn) == rank
+    budget = 0.03 * 2 * hidden * ffn
+    if rank > 64:  # the largest multiple of 64 under the budget (64 is the floor)
+        assert rank * (hidden + ffn) <= budget < (rank + 64) * (hidden + ffn)
+
+
+def test_variants_per_shape():
+    assert bench.variants_for("llama3-8b") == VARIANTS
+    for name in ("opt-6.7b", "opt-66b"):
+        assert bench.variants_for(name) == (*VARIANTS, "polar-attn", "polar-mlp", "polar-both")
+    chosen = ["polar-both", "inductor-gqa", "polar-attn"]
+    assert bench.variants_for("opt-66b", chosen) == ("inductor-gqa", "polar-attn", "polar-both")  # in run order
+    assert bench.variants_for("llama2-7b", chosen) == ("inductor-gqa",)  # no MLP variants for a SiLU MLP
+    assert bench.attention_density("opt-66b") == 0.3
+    assert bench.attention_density("opt-6.7b") == bench.attention_density("llama2-7b") == 0.5
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("inductor-gqa,polar-mlp,polar-all", "variant 'polar-all' is not one of eager, inductor, inductor-gqa"),
+    ("polar-attn,polar-both", "variants must include inductor-gqa"),
+    (" , ", "no variants given"),
+])
+def test_parse_variants_names_the_problem(spec, message):
+    with pytest.raises(ValueError, match=message):
+        bench.parse_variants(spec)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--variants", "inductor-gqa,polar-0.3"], "argument --variants: variant 'polar-0.3' is not one of"),
+    (["--variants", "polar-both"], "argument --variants: variants must include inductor-gqa"),
+    (["--attn-density", "0"], "argument --attn-density: attn-density must be a number in (0, 1], got 0.0"),
+    (["--attn-density", "1.5"], "attn-density must be a number in (0, 1]"),
+    (["--attn-density", "half"], "argument --attn-density: attn-density 'half' is not a number"),
+    (["--models", "opt-65b"], "model 'opt-65b' is not one of llama2-7b, llama3-8b, opt-6.7b, opt-66b"),
+])
+def test_cli_rejects_bad_mlp_options(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", *argv, "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_passes_variants_and_attention_density(monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "require_cuda", lambda: None)
+    monkeypatch.setattr(bench, "run_benchmark", lambda cases, **kw: calls.append((list(cases), kw)))
+    assert main(["bench", "--models", "opt-66b", "--batch", "1,16,64", "--context", "1920", "--variants",
+                 "inductor-gqa,polar-attn,polar-mlp,polar-both", "--attn-density", "0.25"]) == 0
+    cases, kwargs = calls.pop()
+    assert cases == [("opt-66b", 1, 1920), ("opt-66b", 16, 1920), ("opt-66b", 64, 1920)]
+    assert kwargs["variants"] == ["inductor-gqa", "polar-attn", "polar-mlp", "polar-both"]
+    assert kwargs["attn_density"] == 0.25
+
+
+def test_layers_that_fit_counts_the_sparse_mlp_state():
+    """With the MLP variants, a layer also holds its MLP router and the transposed down projection's copy."""
+    free = 12 * 2**30
+    dense = layers_that_fit("opt-6.7b", 1, 1024, free)
+    sparse = layers_that_fit("opt-6.7b", 1, 1024, free, sparse_mlp=True)
+    hidden, ffn, rank = 4096, 16384, 192
+    layer = 2 * (12 * hidden**2 + 9 * hidden + 4 * hidden + 2 * ffn) + 2 * 1 * 1024 * hidden * 2  # weights, K/V
+    extra = 2 * (ffn * hidden + rank * (hidden + ffn))
+    fixed_room = (free - bench.MEMORY_MARGIN) - 2 * (50272 * 4096 + 16386 * 4096 + 2 * 4096)  # embeddings, norm
+    assert dense == min(32, fixed_room // layer)
+    assert sparse == min(32, fixed_room // (layer + extra)) < dense
+
+
+# -- the MLP half: routers, densities that run, the baseline's MLP share ---------------------------------------------
+
+
+def test_case_routers_build_the_k_table_and_rank():
+    model = tiny("opt-6.7b", layers=3)  # hidden 64, ffn 128
+    bank = bench.case_routers(model, "opt-6.7b")
+    assert bank.mlp.rank == 64 and sorted(bank.weights) == bank.mlp.layers == [1, 2]
+    assert bank.mlp.topk[1] == (None, 64, 64) and bank.mlp.topk[32] == (None, 128, 128)  # .095 / .517 of 128
+    assert bench.case_routers(tiny("llama2-7b"), "llama2-7b").mlp is None
+
+
+def test_variant_banks_and_run_densities():
+    from polar_compile.bench import variants as v
+
+    model = tiny("opt-6.7b", layers=4)
+    bank = bench.case_routers(model, "opt-6.7b")
+    assert v.attention_only(bank).mlp is None and v.attention_only(bank).weights is bank.weights
+    assert v.mlp_only(bank).weights == {} and v.mlp_only(bank).mlp is bank.mlp
+    with pytest.raises(ValueError, match="need a bank with MLP routers"):
+        v.mlp_only(v.attention_only(bank))
+    # attention: 4 heads of 16 at 0.5 keep 2; K+V bf16 saved per layer = 2 * B * L * 16 * 2 * 2 bytes
+    assert v.attention_density_run(bank, 0.5, 1, 16) == 1.0  # far below 32 MiB: the pass keeps it dense
+    assert v.attention_density_run(bank, 0.5, 1, 16, thresholds=False) == pytest.approx((1 + 3 * 0.5) / 4)
+    assert v.attention_density_run(bank, 0.5, 64, 2**14) == pytest.approx((1 + 3 * 0.5) / 4)  # 128 MiB saved
+    # MLP: at B=64 the break-even is 0.6 of ffn (config); the table's .623 -> k 128 of 128 stays dense
+    assert v.mlp_table_ks(bank, 64) == [None, 128, 128, 128] and v.mlp_ks_run(bank, 64) == [None] * 4
+    assert v.mlp_ks_run(bank, 1) == v.mlp_table_ks(bank, 1) == [None, 64, 64, 64]
+    assert v.mlp_density([None, 64, 64, 64], 128) == pytest.approx((1 + 3 * 0.5) / 4)
+    assert v.mlp_ks_run(v.attention_only(bank), 1) == [None] * 4
+
+
+def test_compile_variant_attaches_what_each_mlp_variant_routes(monkeypatch):
+    from polar_compile.bench import variants as v
+
+    attached = []
+    monkeypatch.setattr(v, "attach", lambda model, bank, **kw: attached.append((bank, kw)))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: ("compiled", kw["backend"]))
+    model = tiny("opt-6.7b", layers=3)
+    bank = bench.case_routers(model, "opt-6.7b")
+    for variant in ("polar-attn", "polar-mlp", "polar-both", "polar-0.5"):
+        assert compile_variant(model, variant, bank, attn_density=0.3) == ("compiled", "polar")
+    (attn, kw_attn), (mlp, kw_mlp), (both, kw_both), (half, kw_half) = attached
+    assert attn.mlp is None and attn.weights is bank.weights and kw_attn == {"density": 0.3}
+    assert mlp.weights == {} and mlp.mlp is bank.mlp and kw_mlp == {}
+    assert both is bank and kw_both == {"density": 0.3}
+    assert half.mlp is None and kw_half == {"density": 0.5, "min_saved_mib": None}  # attention only, as before
+
+
+def test_mlp_gemm_fraction_is_the_mlp_share_of_linear_weights():
+    model = tiny("opt-6.7b", layers=3)  # hidden 64, ffn 128, vocab 128
+    hidden, ffn, vocab = 64, 128, 128
+    mlp = 3 * 2 * hidden * ffn
+    assert bench.mlp_gemm_fraction(model) == pytest.approx(mlp / (3 * 4 * hidden**2 + mlp + vocab * hidden))
+
+
+# -- the MLP half: ideals --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("attn_share", "mlp_share"), [(0.0, 0.0), (0.1, 0.7), (0.5, 0.3), (0.3, 0.0), (0.0, 0.9)])
+@pytest.mark.parametrize(("d_attn", "d_mlp"), [(0.3, 0.1), (0.5, 0.6), (1.0, 1.0)])
+def test_amdahl_with_both_halves(attn_share, mlp_share, d_attn, d_mlp):
+    """Independent form: fractions p_a, p_m of the step run at d_a, d_m of their time, the rest unchanged."""
+    step = 0.021
+    expected = 1 / ((1 - attn_share - mlp_share) + attn_share * d_attn + mlp_share * d_mlp)
+    got = bench.amdahl(step, [(attn_share * step, d_attn), (mlp_share * step, d_mlp)])
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert bench.amdahl(step, [(attn_share * step, d_attn)]) == pytest.approx(
+        bench.ideal_speedup(step, attn_share * step, d_attn), rel=1e-12)  # one part: the attention-only formula
+
+
+def test_amdahl_caps_the_saving_at_the_step():
+    assert bench.amdahl(1.0, [(0.8, 0.0), (0.5, 0.0)]) == float("inf")
+    assert bench.amdahl(1.0, []) == 1.0
+
+
+def mlp_row(**times: float) -> dict:
+    """An OPT-66B-like row with the MLP variants: T = 20 ms, T_attn = 4 ms, T_mlp = 12 ms."""
+    row = {"model": "opt-66b", "layers": 20, "batch": 16, "context": 1920,
+           "variants": ["inductor-gqa", "polar-attn", "polar-mlp", "polar-both"],
+           "attn-density": 0.3, "mlp-rank": 384, "d-attn-table": 0.335, "d-attn-run": 0.335,
+           "d-mlp-table": 0.3, "d-mlp-run": 0.3, "mlp-router": 0.0005}
+    for variant, seconds in zip(row["variants"], (0.020, 0.018, 0.012, 0.010), strict=True):
+        row[variant] = times.get(variant, seconds)
+        row[f"{variant}-synced"] = row[variant] + 0.001
+        row[f"{variant}-first-call"] = 30.0 + len(variant)
+    row["inductor-gqa-gpu"] = dict(zip(KERNEL_CATEGORIES, (0.004, 0.015, 0.0, 0.0, 0.001), strict=True))
+    row = add_ideals(row, attn_seconds=0.004, routed_share=19 / 20)
+    return bench.add_mlp_ideals(row, attn_seconds=0.004, mlp_seconds=0.012)
+
+
+def test_add_mlp_ideals():
+    row = mlp_row()
+    assert row["ideal-polar-attn"] == pytest.approx(20 / (20 - 0.665 * 4))
+    assert row["ideal-polar-mlp"] == pytest.approx(20 / (20 - 0.7 * 12))
+    assert row["ideal-polar-both"] == pytest.approx(20 / (20 - 0.665 * 4 - 0.7 * 12))
+    assert row["ideal-polar-both-table"] == row["ideal-polar-both"]  # nothing kept dense by the thresholds
+    row["d-mlp-run"] = 1.0  # the break-even keeps every MLP dense: no MLP saving in the ideal
+    assert bench.add_mlp_ideals(row, 0.004, 0.012)["ideal-polar-both"] == pytest.approx(row["ideal-polar-attn"])
+    assert row["ideal-polar-both-table"] > row["ideal-polar-both"]
+
+
+def test_mlp_table_has_the_new_columns():
+    rows = [mlp_row(), synthetic_row()]  # the attention-only row has no MLP line
+    table = bench.mlp_markdown(rows)
+    lines = table.splitlines()
+    assert len(lines) == 3
+    for column in ("MLP rank", "attn vs (3) / ideal / %", "mlp vs (3) / ideal / %", "both vs (3) / ideal / %",
+                   "MLP router ms (share of both)", "compile s (3) / attn / mlp / both", "T_attn / T_mlp of (3) ms"):
+        assert column in lines[0]
+    cells = [c.strip() for c in lines[2].split("|")[1:-1]]
+    assert len(cells) == lines[0].count("|") - 1
+    both_ideal = 20 / (20 - 0.665 * 4 - 0.7 * 12)
+    assert cells[:10] == ["opt-66b (20 layers)", "16", "1920", "0.3 (0.335 / 0.335)", "0.300 / 0.300", "384",
+                          "20.000", "18.000", "12.000", "10.000"]
+    assert cells[12] == f"2.00x / {both_ideal:.2f}x / {100 * 2 / both_ideal:.0f}%"
+    assert cells[14:] == ["4.000 / 12.000", "0.500 (5.0%)", "42 / 40 / 39 / 40"]
+    assert bench.markdown(rows).count("\n") == 2  # the attention table lists only the row that ran polar 0.5
+    assert bench.tables(rows) == "\n\n".join((bench.markdown(rows), table, breakdown_markdown(rows)))
+    assert bench.mlp_markdown([synthetic_row()]) == ""
+
+
+def test_mlp_table_marks_variants_that_did_not_run(tmp_path):
+    row = mlp_row()
+    for key in [k for k in row if k.startswith("polar-mlp")]:
+        del row[key]
+    cells = [c.strip() for c in bench.mlp_markdown([row]).splitlines()[2].split("|")[1:-1]]
+    assert cells[8] == "—" and cells[11] == "—" and cells[-1] == "42 / 40 / — / 40"
+    write_results([row], tmp_path)
+    plot([row, synthetic_row(model="opt-66b")], tmp_path / "decode.png")  # both kinds of line in one panel
+    assert (tmp_path / "decode.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(("kernel", "category"), [
+    ("_gather_up_kernel", "mlp"),
+    ("_gather_down_kernel", "mlp"),
+    ("_finish_kernel", "mlp"),
+    ("void at_cuda_detail::cub::DeviceRadixSortOnesweepKernel<at_cuda_detail::cub::DeviceRadixSortPolicy<float, "
+     "long, unsigned int>::Policy900, false, true, float, long, unsigned int, int, int>", "router"),
+    ("void at::native::bitonicSortKVInPlace<2, -1, 16, 16, long, long, at::native::LTOp<long, true>, unsigned int>",
+     "router"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::func_wrapper_t<float, "
+     "at::native::sum_functor<float, float, float>::operator()(at::TensorIterator&)::{lambda(float, float)#1}>, "
+     "unsigned int, float, 4, 4> >(at::native::ReduceOp<float, ...>)", "router"),
+    ("triton_red_fused_sum_sort_0", "other"),
+])
+def test_mlp_kernel_categories(kernel, category):
     assert kernel_category(kernel) == category
