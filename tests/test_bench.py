@@ -669,3 +669,44 @@ def test_mlp_table_marks_variants_that_did_not_run(tmp_path):
 ])
 def test_mlp_kernel_categories(kernel, category):
     assert kernel_category(kernel) == category
+
+
+def test_run_case_row_on_the_cpu(monkeypatch):
+    """run_case's bookkeeping for an OPT shape with the MLP variants: which variants run (the baseline always), the
+    densities, the ideals from the baseline's breakdown; timing, profiling and compiling replaced."""
+    from polar_compile.bench import run
+
+    times = {"inductor-gqa": 0.020, "polar-attn": 0.018, "polar-mlp": 0.012, "polar-both": 0.010}
+    compiled = []
+
+    def fake_compile(model, variant, bank, density):
+        compiled.append((variant, density))
+        return lambda **inputs: times[variant]
+
+    def tiny_opt(layers: int):
+        config = SHAPES["opt-6.7b"](layers)
+        config.update(dict(hidden_size=64, num_attention_heads=4, vocab_size=128, ffn_dim=128, word_embed_proj_dim=64))
+        return config
+
+    monkeypatch.setattr(run, "SHAPES", {"opt-6.7b": tiny_opt})
+    monkeypatch.setattr(run, "layers_that_fit", lambda *args, **kw: 4)
+    monkeypatch.setattr(run, "compile_variant", fake_compile)
+    monkeypatch.setattr(DecodeStep, "time", lambda self, fn, repeats: (fn(), fn() + 0.001, 9.0))
+    monkeypatch.setattr(run, "kernel_breakdown", lambda step, fn: dict(
+        zip(KERNEL_CATEGORIES, (0.004, 0.015, 0.0, 0.0, 0.001), strict=True)))
+    monkeypatch.setattr(run, "mlp_router_seconds", lambda routers, batch: 1e-4 * len(routers))
+    row = run.run_case("opt-6.7b", 1, 16, repeats=3, variants=["polar-both", "polar-mlp", "polar-attn"],
+                       attn_density=0.25, device="cpu")
+    assert [v for v, _ in compiled] == ["inductor-gqa", "polar-attn", "polar-mlp", "polar-both"]  # baseline added
+    assert {d for _, d in compiled} == {0.25}
+    assert row["variants"] == [v for v, _ in compiled] and row["layers"] == 4 and row["mlp-rank"] == 64
+    assert row["mlp-k-run"] == [None, 64, 64, 64] and row["mlp-router"] == pytest.approx(3e-4)
+    assert row["d-mlp-run"] == row["d-mlp-table"] == pytest.approx((1 + 3 * 0.5) / 4)
+    assert row["d-attn-table"] == pytest.approx((1 + 3 * 0.25) / 4) and row["d-attn-run"] == 1.0  # too little saved
+    # all four layers' MLPs (layer 0's too) over all Linear weights: attention, MLPs, LM head
+    assert row["mlp-gemm-fraction"] == pytest.approx((4 * 2 * 64 * 128) / (4 * 4 * 64**2 + 4 * 2 * 64 * 128 + 128 * 64))
+    t_mlp = 0.015 * row["mlp-gemm-fraction"]
+    assert row["ideal-polar-mlp"] == pytest.approx(0.020 / (0.020 - (1 - row["d-mlp-run"]) * t_mlp))
+    assert row["ideal-polar-attn"] == 1.0
+    assert "router-share" not in row  # polar 0.5 did not run
+    assert bench.mlp_markdown([row]).count("\n") == 2 and bench.markdown([row]) == ""

@@ -33,7 +33,7 @@ def _release_memory() -> None:
 
 
 def run_case(name: str, batch: int, context: int, repeats: int, max_layers: int | None = None,
-             variants: Sequence[str] | None = None, attn_density: float | None = None) -> Row:
+             variants: Sequence[str] | None = None, attn_density: float | None = None, device: str = "cuda") -> Row:
     """Time the variants of one case on CUDA (:func:`~.variants.variants_for`, those in ``variants`` if given; the
     baseline ``inductor-gqa`` always) and return its row (seconds, ratios).
 
@@ -48,17 +48,19 @@ def run_case(name: str, batch: int, context: int, repeats: int, max_layers: int 
     ``d-mlp-table``, ``d-mlp-run`` (means over all layers; see :func:`add_mlp_ideals`), ``mlp-k-run`` (k per layer,
     None: dense), ``mlp-gemm-fraction`` and T_mlp = the baseline's GEMM time times it (:func:`mlp_gemm_fraction`),
     ``mlp-router`` (:func:`~.step.mlp_router_seconds`) and the :func:`add_mlp_ideals` fields.
-    Every compile is a full one (:func:`full_compiles`). Prints a line per variant.
+    Every compile is a full one (:func:`full_compiles`). Prints a line per variant. ``device`` is for tests (the
+    row's bookkeeping on the CPU, with the timing replaced).
     """
     from transformers import AutoModelForCausalLM
 
     chosen = variants_for(name, None if variants is None else {*variants, BASELINE})
     sparse_mlp = any(v in MLP_VARIANTS for v in chosen)
     _release_memory()
-    layers = layers_that_fit(name, batch, context, torch.cuda.mem_get_info()[0], max_layers, sparse_mlp=sparse_mlp)
-    with torch.device("cuda"):
+    free = torch.cuda.mem_get_info()[0] if device == "cuda" else 2**62
+    layers = layers_that_fit(name, batch, context, free, max_layers, sparse_mlp=sparse_mlp)
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(SHAPES[name](layers), dtype=torch.bfloat16).eval()
-    step = DecodeStep(model, batch, context)
+    step = DecodeStep(model, batch, context, device)
     bank = case_routers(model, name)
     row: Row = {"model": name, "layers": layers, "batch": batch, "context": context, "variants": list(chosen)}
     density = attention_density(name) if attn_density is None else attn_density
