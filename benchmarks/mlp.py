@@ -1,16 +1,15 @@
 """Sparse MLP on one GPU: cuBLAS dense against polar's gather-GEMMs, side by side in one process.
 
     python benchmarks/mlp.py [--models opt-6.7b,opt-66b] [--dtypes bf16,fp16] [--batches 1,8,16,32,64,128]
-                             [--densities 0.1,0.25,0.5,1.0] [--fused] [--out mlp.md]
+                             [--densities 0.1,0.25,0.5,1.0] [--out mlp.md]
 
 For each model shape (OPT-6.7B: d 4096, ffn 16384; OPT-66B: d 9216, ffn 36864), dtype, batch B and neuron
 density, with k = round(density * ffn) neurons idx (random, sorted as polar::mlp_route returns them):
 
     dense: F.linear(F.relu(F.linear(x, W1, b1)), W2, b2)                       cuBLAS, bias in the GEMM epilogue
     polar: gather_down(gather_up(x, W1, b1, idx), W2^T, b2, idx)               torch.ops.polar (Triton on CUDA)
-    fused: gather_mlp(x, W1, b1, W2^T, b2, idx)     (--fused) the same in one launch up to B = 64, else the two ops
 
-Check first: polar's (and fused's) output must match the dense math on the same neurons, F.linear(relu(F.linear(x, W1[idx],
+Check first: polar's output must match the dense math on the same neurons, F.linear(relu(F.linear(x, W1[idx],
 b1[idx])), W2[:, idx], b2) -- at density 1.0 that is the dense MLP's own output -- or the script stops.
 
 Timing (as benchmarks/attention.py): each method runs inside one CUDA graph that calls it once per input set; the
@@ -59,22 +58,17 @@ def polar(s):
     return torch.ops.polar.gather_down(h, s["w2t"], s["b2"], s["idx"])
 
 
-def fused(s):
-    return torch.ops.polar.gather_mlp(s["x"], s["w1"], s["b1"], s["w2t"], s["b2"], s["idx"])
-
-
-def check(s, density, method=polar):
-    """``method`` against the dense math on the selected neurons; raises on a mismatch."""
+def check(s, density):
+    """polar against the dense math on the selected neurons; raises on a mismatch."""
     idx = s["idx"]
     if density == 1.0:
         expected = dense(s)
     else:
         expected = F.linear(F.relu(F.linear(s["x"], s["w1"][idx], s["b1"][idx])), s["w2"][:, idx], s["b2"])
-    got = method(s)
+    got = polar(s)
     error = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
     if not error < TOLERANCE[got.dtype] or got.shape != expected.shape:
-        raise AssertionError(f"{method.__name__} differs from dense math: relative error {error:.3g} "
-                             f"(shape {tuple(got.shape)})")
+        raise AssertionError(f"polar differs from dense math: relative error {error:.3g} (shape {tuple(got.shape)})")
     return error
 
 
@@ -97,9 +91,9 @@ def time_us(fn, sets):
     return 1000 * ms / len(sets)
 
 
-def run(models, dtypes, batches, densities, log, with_fused=False):
+def run(models, dtypes, batches, densities, log):
     header = ("| model | dtype | B | density | k | dense µs | polar µs | speedup | dense TB/s | polar TB/s | "
-              "check rel err |" + (" fused µs | fused speedup | fused TB/s | fused rel err |" if with_fused else ""))
+              "check rel err |")
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     for line in rows:
         log(line)
@@ -123,11 +117,6 @@ def run(models, dtypes, batches, densities, log, with_fused=False):
                     line = (f"| {model} | {dtype_name} | {batch} | {density} | {k} | {dense_us:.1f} | {polar_us:.1f} | "
                             f"{dense_us / polar_us:.2f}x | {2 * ffn * d * size / dense_us / 1e6:.2f} | "
                             f"{2 * k * d * size / polar_us / 1e6:.2f} | {error:.1e} |")
-                    if with_fused:
-                        fused_error = max(check(s, density, fused) for s in mlps)
-                        fused_us = time_us(fused, mlps)
-                        line += (f" {fused_us:.1f} | {dense_us / fused_us:.2f}x | "
-                                 f"{2 * k * d * size / fused_us / 1e6:.2f} | {fused_error:.1e} |")
                     rows.append(line)
                     log(line)
             del mlps
@@ -141,7 +130,6 @@ def main():
     parser.add_argument("--dtypes", default="bf16,fp16", help="comma-separated, of bf16, fp16")
     parser.add_argument("--batches", default="1,8,16,32,64,128")
     parser.add_argument("--densities", default="0.1,0.25,0.5,1.0")
-    parser.add_argument("--fused", action="store_true", help="also time polar::gather_mlp (one launch)")
     parser.add_argument("--out", help="also write the Markdown table to this file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -155,7 +143,7 @@ def main():
     batches = [int(b) for b in args.batches.split(",")]
     densities = [float(p) for p in args.densities.split(",")]
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    rows = run(models, dtypes, batches, densities, lambda line: print(line, flush=True), with_fused=args.fused)
+    rows = run(models, dtypes, batches, densities, lambda line: print(line, flush=True))
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(rows) + "\n")

@@ -21,16 +21,11 @@ The sparse MLP (ReLU and gated-ReLU MLPs) selects one neuron set for all N rows 
     polar::gather_gated_up(x, w_gate, b_gate, w_up, b_up, idx)
                                          relu(x @ w_gate[idx]^T + b_gate[idx]) * (x @ w_up[idx]^T + b_up[idx])
     polar::gather_down(h, w_t, b, idx)   h @ w_t[idx] + b   (w_t [ffn, d_out]: the down weight, transposed)
-    polar::gather_mlp(x, w, b, w_t, b_down, idx)
-                                         gather_down(gather_up(x, w, b, idx), w_t, b_down, idx)       [N, d_out]
-    polar::gather_gated_mlp(x, w_gate, b_gate, w_up, b_up, w_t, b_down, idx)
-                                         gather_down(gather_gated_up(x, ..., idx), w_t, b_down, idx)  [N, d_out]
 
 On CUDA route, select_attention and the gather ops run Triton kernels (``kernels/``, launched through
 ``wrap_triton``: ``triton_op`` lets Inductor and AOTInductor trace into them; the polar backend keeps them opaque,
-see ``backend.compile_graph``); mlp_route runs cuBLAS and two Triton kernels. Elsewhere each op runs its ``*_reference``
-function, plain PyTorch math. gather_mlp and gather_gated_mlp run one launch for the whole MLP up to 64 rows
-(``kernels/gather_mlp.py``; fp32 atomics: not bit-reproducible run to run), the two-op kernels above that.
+see ``backend.compile_graph``); mlp_route runs cuBLAS and two Triton kernels. Elsewhere each op runs its
+``*_reference`` function, plain PyTorch math.
 """
 
 from __future__ import annotations
@@ -43,17 +38,11 @@ __all__ = [
     "layer_mlp_router",
     "layer_router",
     "check_gather_down_args",
-    "check_gather_gated_mlp_args",
     "check_gather_gated_up_args",
-    "check_gather_mlp_args",
     "check_gather_up_args",
     "check_mlp_route_args",
     "gather_down",
     "gather_down_reference",
-    "gather_gated_mlp",
-    "gather_gated_mlp_reference",
-    "gather_mlp",
-    "gather_mlp_reference",
     "gather_gated_up",
     "gather_gated_up_reference",
     "gather_up",
@@ -405,90 +394,3 @@ def gather_down(h: Tensor, w_t: Tensor, b: Tensor, idx: Tensor) -> Tensor:
 def _(h: Tensor, w_t: Tensor, b: Tensor, idx: Tensor) -> Tensor:
     check_gather_down_args(h, w_t, b, idx)
     return h.new_empty((h.shape[0], w_t.shape[1]))
-
-
-def _check_down_weights(op: str, x: Tensor, w: Tensor, w_t: Tensor, b_down: Tensor) -> None:
-    if w_t.dim() != 2 or w_t.shape[0] != w.shape[0]:
-        raise ValueError(f"{op}: expected w_t [ffn={w.shape[0]}, d_out], got {tuple(w_t.shape)}")
-    if b_down.shape != (w_t.shape[1],):
-        raise ValueError(f"{op}: expected b_down [d_out={w_t.shape[1]}], got {tuple(b_down.shape)}")
-    _check_operands(op, {"x": x, "w_t": w_t, "b_down": b_down})
-
-
-def check_gather_mlp_args(x: Tensor, w: Tensor, b: Tensor, w_t: Tensor, b_down: Tensor, idx: Tensor) -> None:
-    """Raise ``ValueError`` naming the argument, the expected and the actual when gather_mlp's inputs are
-    malformed."""
-    _check_up("gather_mlp", x, idx, "w", w, "b", b)
-    _check_down_weights("gather_mlp", x, w, w_t, b_down)
-
-
-def gather_mlp_reference(x: Tensor, w: Tensor, b: Tensor, w_t: Tensor, b_down: Tensor, idx: Tensor) -> Tensor:
-    """``gather_down(gather_up(x, w, b, idx), w_t, b_down, idx)`` in plain PyTorch (h rounded to x's dtype)."""
-    return gather_down_reference(gather_up_reference(x, w, b, idx), w_t, b_down, idx)
-
-
-@torch.library.triton_op("polar::gather_mlp", mutates_args=())
-def gather_mlp(x: Tensor, w: Tensor, b: Tensor, w_t: Tensor, b_down: Tensor, idx: Tensor) -> Tensor:
-    """The whole sparse ReLU MLP over the neurons ``idx``: ``gather_down(gather_up(x, w, b, idx), w_t, b_down,
-    idx)``, ``[N, d_out]``; on CUDA one launch for N <= 64 (the sum's fp32 order varies run to run)."""
-    check_gather_mlp_args(x, w, b, w_t, b_down, idx)
-    if x.device.type == "cuda":
-        from .kernels.gather_gemm import gather_down_triton, gather_up_triton
-        from .kernels.gather_mlp import FUSED_MAX_ROWS, gather_mlp_triton
-
-        if x.shape[0] <= FUSED_MAX_ROWS:
-            return gather_mlp_triton(x, w, b, w_t, b_down, idx)
-        return gather_down_triton(gather_up_triton(x, w, b, idx), w_t, b_down, idx)
-    return gather_mlp_reference(x, w, b, w_t, b_down, idx)
-
-
-@gather_mlp.register_fake
-def _(x: Tensor, w: Tensor, b: Tensor, w_t: Tensor, b_down: Tensor, idx: Tensor) -> Tensor:
-    check_gather_mlp_args(x, w, b, w_t, b_down, idx)
-    return x.new_empty((x.shape[0], w_t.shape[1]))
-
-
-def check_gather_gated_mlp_args(
-    x: Tensor, w_gate: Tensor, b_gate: Tensor, w_up: Tensor, b_up: Tensor, w_t: Tensor, b_down: Tensor, idx: Tensor
-) -> None:
-    """Raise ``ValueError`` naming the argument, the expected and the actual when gather_gated_mlp's inputs are
-    malformed."""
-    _check_up("gather_gated_mlp", x, idx, "w_gate", w_gate, "b_gate", b_gate)
-    _check_up("gather_gated_mlp", x, idx, "w_up", w_up, "b_up", b_up)
-    if w_up.shape != w_gate.shape:
-        raise ValueError(
-            f"gather_gated_mlp: expected w_up of w_gate's shape {tuple(w_gate.shape)}, got {tuple(w_up.shape)}"
-        )
-    _check_down_weights("gather_gated_mlp", x, w_gate, w_t, b_down)
-
-
-def gather_gated_mlp_reference(
-    x: Tensor, w_gate: Tensor, b_gate: Tensor, w_up: Tensor, b_up: Tensor, w_t: Tensor, b_down: Tensor, idx: Tensor
-) -> Tensor:
-    """``gather_down(gather_gated_up(x, w_gate, b_gate, w_up, b_up, idx), w_t, b_down, idx)`` in plain PyTorch."""
-    return gather_down_reference(gather_gated_up_reference(x, w_gate, b_gate, w_up, b_up, idx), w_t, b_down, idx)
-
-
-@torch.library.triton_op("polar::gather_gated_mlp", mutates_args=())
-def gather_gated_mlp(
-    x: Tensor, w_gate: Tensor, b_gate: Tensor, w_up: Tensor, b_up: Tensor, w_t: Tensor, b_down: Tensor, idx: Tensor
-) -> Tensor:
-    """The whole sparse gated-ReLU MLP over the neurons ``idx``, as gather_mlp with gather_gated_up: ``[N,
-    d_out]``."""
-    check_gather_gated_mlp_args(x, w_gate, b_gate, w_up, b_up, w_t, b_down, idx)
-    if x.device.type == "cuda":
-        from .kernels.gather_gemm import gather_down_triton, gather_up_triton
-        from .kernels.gather_mlp import FUSED_MAX_ROWS, gather_mlp_triton
-
-        if x.shape[0] <= FUSED_MAX_ROWS:
-            return gather_mlp_triton(x, w_gate, b_gate, w_t, b_down, idx, w_up, b_up)
-        return gather_down_triton(gather_up_triton(x, w_gate, b_gate, idx, w_up, b_up), w_t, b_down, idx)
-    return gather_gated_mlp_reference(x, w_gate, b_gate, w_up, b_up, w_t, b_down, idx)
-
-
-@gather_gated_mlp.register_fake
-def _(
-    x: Tensor, w_gate: Tensor, b_gate: Tensor, w_up: Tensor, b_up: Tensor, w_t: Tensor, b_down: Tensor, idx: Tensor
-) -> Tensor:
-    check_gather_gated_mlp_args(x, w_gate, b_gate, w_up, b_up, w_t, b_down, idx)
-    return x.new_empty((x.shape[0], w_t.shape[1]))

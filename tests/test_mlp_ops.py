@@ -1,4 +1,4 @@
-"""The sparse-MLP ops (polar::mlp_route, gather_up, gather_gated_up, gather_down, gather_mlp, gather_gated_mlp): opcheck, errors, and their
+"""The sparse-MLP ops (polar::mlp_route, gather_up, gather_gated_up, gather_down): opcheck, errors, and their
 reference impls against float64 math written here (one neuron at a time, no shared code with ops.py)."""
 
 import math
@@ -75,12 +75,6 @@ def test_gather_references_match_float64(a):
     assert_near(ops.gather_gated_up(x, a["w"], a["b"], a["w_up"], a["b_up"], idx), gated, dtype)
     expected = down_float64(a["h"], a["w_t"], a["b_down"], idx)
     assert_near(ops.gather_down(a["h"], a["w_t"], a["b_down"], idx), expected, dtype)
-    # the whole MLP: h rounded to x's dtype between the two products, as the two-op path stores it
-    for h, got in (
-        (gate.clamp(min=0), ops.gather_mlp(x, a["w"], a["b"], a["w_t"], a["b_down"], idx)),
-        (gated, ops.gather_gated_mlp(x, a["w"], a["b"], a["w_up"], a["b_up"], a["w_t"], a["b_down"], idx)),
-    ):
-        assert_near(got, down_float64(h.to(dtype), a["w_t"], a["b_down"], idx), dtype)
 
 
 def route_scores_float64(x, w_in, w_out):
@@ -149,16 +143,11 @@ def small_args(dtype):
         "gather_up": (randn(3, 8), randn(10, 8), randn(10), idx),
         "gather_gated_up": (randn(3, 8), randn(10, 8), randn(10), randn(10, 8), randn(10), idx),
         "gather_down": (randn(3, 3), randn(10, 6), randn(6), idx),
-        "gather_mlp": (randn(3, 8), randn(10, 8), randn(10), randn(10, 6), randn(6), idx),
-        "gather_gated_mlp": (randn(3, 8), randn(10, 8), randn(10), randn(10, 8), randn(10), randn(10, 6), randn(6),
-                             idx),
     }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    "op", ["mlp_route", "gather_up", "gather_gated_up", "gather_down", "gather_mlp", "gather_gated_mlp"]
-)
+@pytest.mark.parametrize("op", ["mlp_route", "gather_up", "gather_gated_up", "gather_down"])
 def test_opcheck(op, dtype):
     torch.library.opcheck(getattr(ops, op).default, small_args(dtype)[op])
 
@@ -168,8 +157,6 @@ NAMES = {
     "gather_up": ("x", "w", "b", "idx"),
     "gather_gated_up": ("x", "w_gate", "b_gate", "w_up", "b_up", "idx"),
     "gather_down": ("h", "w_t", "b", "idx"),
-    "gather_mlp": ("x", "w", "b", "w_t", "b_down", "idx"),
-    "gather_gated_mlp": ("x", "w_gate", "b_gate", "w_up", "b_up", "w_t", "b_down", "idx"),
 }
 
 
@@ -203,16 +190,6 @@ def bad(op, **change):
         (bad("gather_down", b=torch.randn(5)), r"b \[d_out=6\], got \(5,\)"),
         (bad("gather_down", w_t=torch.randn(10, 6).bfloat16()), r"w_t of h's dtype torch.float32, got torch.bfloat16"),
         (bad("gather_down", idx=torch.tensor([0, 1, 2], dtype=torch.int32)), r"idx int64 \[k\].*torch.int32"),
-        (bad("gather_mlp", x=torch.randn(3, 7)), r"gather_mlp: expected w \[ffn, d=7\], got \(10, 8\)"),
-        (bad("gather_mlp", w_t=torch.randn(9, 6)), r"gather_mlp: expected w_t \[ffn=10, d_out\], got \(9, 6\)"),
-        (bad("gather_mlp", w_t=torch.randn(10)), r"w_t \[ffn=10, d_out\], got \(10,\)"),
-        (bad("gather_mlp", b_down=torch.randn(5)), r"gather_mlp: expected b_down \[d_out=6\], got \(5,\)"),
-        (bad("gather_mlp", w_t=torch.randn(10, 6).half()), r"w_t of x's dtype torch.float32, got torch.float16"),
-        (bad("gather_mlp", idx=torch.tensor([], dtype=torch.int64)), r"idx int64 \[k\] with k >= 1, got \(0,\)"),
-        (bad("gather_gated_mlp", w_up=torch.randn(10, 7)), r"gather_gated_mlp: expected w_up \[ffn, d=8\]"),
-        (bad("gather_gated_mlp", w_up=torch.randn(9, 8), b_up=torch.randn(9)), r"w_up of w_gate's shape"),
-        (bad("gather_gated_mlp", b_down=torch.randn(6).bfloat16()), r"b_down of x's dtype torch.float32"),
-        (bad("gather_gated_mlp", w_t=torch.randn(11, 6)), r"w_t \[ffn=10, d_out\], got \(11, 6\)"),
     ],
 )
 def test_bad_inputs_name_expected_and_actual(call, message):
