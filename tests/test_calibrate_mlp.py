@@ -137,7 +137,8 @@ def test_auto_rank_keeps_the_router_near_three_percent_of_the_mlp():
     assert auto_rank(MlpInfo(0, 4096, 16384)) == 192  # OPT-6.7B: 192 * 20480 / (2 * 4096 * 16384) = 2.9%
     assert auto_rank(MlpInfo(0, 9216, 36864)) == 432  # OPT-66B
     assert auto_rank(MlpInfo(0, 4096, 11008, gated=True)) == 256  # a gated MLP has 3 matrices
-    assert auto_rank(MlpInfo(0, 256, 1024)) == 32  # tiny: the floor (7.8% of the MLP)
+    assert auto_rank(MlpInfo(0, 256, 1024)) == 128  # tiny: the floor (31% of the MLP)
+    assert auto_rank(MlpInfo(0, 64, 256)) == 64  # never wider than hidden
 
 
 def test_batches_come_from_different_windows_while_there_are_enough():
