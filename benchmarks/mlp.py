@@ -8,6 +8,8 @@ density, with k = round(density * ffn) neurons idx (random, sorted as polar::mlp
 
     dense: F.linear(F.relu(F.linear(x, W1, b1)), W2, b2)                       cuBLAS, bias in the GEMM epilogue
     polar: gather_down(gather_up(x, W1, b1, idx), W2^T, b2, idx)               torch.ops.polar (Triton on CUDA)
+    routed: idx = mlp_route(x, W_in, W_out, k), then polar                   + the MLP router, rank r from
+                                                                             calibrate_mlp.auto_rank (3% rule)
 
 Check first: polar's output must match the dense math on the same neurons, F.linear(relu(F.linear(x, W1[idx],
 b1[idx])), W2[:, idx], b2) -- at density 1.0 that is the dense MLP's own output -- or the script stops.
@@ -31,6 +33,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import polar_compile.ops  # noqa: F401  (registers polar::gather_up, polar::gather_down)
+from polar_compile.calibrate_mlp import auto_rank
+from polar_compile.instrument_mlp import MlpInfo
 
 MODELS = {"opt-6.7b": (4096, 16384), "opt-66b": (9216, 36864)}  # (d, ffn)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,6 +60,12 @@ def dense(s):
 def polar(s):
     h = torch.ops.polar.gather_up(s["x"], s["w1"], s["b1"], s["idx"])
     return torch.ops.polar.gather_down(h, s["w2t"], s["b2"], s["idx"])
+
+
+def routed(s):
+    idx = torch.ops.polar.mlp_route(s["x"], s["w_in"], s["w_out"], s["idx"].shape[0])
+    h = torch.ops.polar.gather_up(s["x"], s["w1"], s["b1"], idx)
+    return torch.ops.polar.gather_down(h, s["w2t"], s["b2"], idx)
 
 
 def check(s, density):
@@ -93,7 +103,7 @@ def time_us(fn, sets):
 
 def run(models, dtypes, batches, densities, log):
     header = ("| model | dtype | B | density | k | dense µs | polar µs | speedup | dense TB/s | polar TB/s | "
-              "check rel err |")
+              "check rel err | routed µs | routed speedup |")
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     for line in rows:
         log(line)
@@ -104,6 +114,10 @@ def run(models, dtypes, batches, densities, log):
             size = torch.finfo(dtype).bits // 8
             least_read = 2 * round(min(densities) * ffn) * d * size
             mlps = make_sets(d, ffn, dtype, max(1, min(16, math.ceil(ROTATE_BYTES / least_read))))
+            rank = auto_rank(MlpInfo(0, d, ffn))
+            for s in mlps:
+                s["w_in"] = torch.randn(rank, d, device="cuda", dtype=dtype) / math.sqrt(d)
+                s["w_out"] = torch.randn(ffn, rank, device="cuda", dtype=dtype) / math.sqrt(rank)
             for batch in batches:
                 for s in mlps:
                     s["x"] = torch.randn(batch, d, device="cuda", dtype=dtype)
@@ -114,9 +128,11 @@ def run(models, dtypes, batches, densities, log):
                         s["idx"] = torch.randperm(ffn, device="cuda")[:k].sort().values
                     error = max(check(s, density) for s in mlps)
                     polar_us = time_us(polar, mlps)
+                    routed_us = time_us(routed, mlps)
                     line = (f"| {model} | {dtype_name} | {batch} | {density} | {k} | {dense_us:.1f} | {polar_us:.1f} | "
                             f"{dense_us / polar_us:.2f}x | {2 * ffn * d * size / dense_us / 1e6:.2f} | "
-                            f"{2 * k * d * size / polar_us / 1e6:.2f} | {error:.1e} |")
+                            f"{2 * k * d * size / polar_us / 1e6:.2f} | {error:.1e} | {routed_us:.1f} | "
+                            f"{dense_us / routed_us:.2f}x |")
                     rows.append(line)
                     log(line)
             del mlps
