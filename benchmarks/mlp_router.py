@@ -1,7 +1,8 @@
 """Time of the MLP router (``polar::mlp_route``: rank-r GEMMs, ReLU, batch sum, top-k in ascending index order) on one
 GPU, beside the gather-GEMMs' dense MLP it steers, as ``benchmarks/mlp.py`` times (CUDA-graph replay over rotating
-fresh inputs, medians). Also times a top-k variant without the sorts (``torch.topk(sorted=False)``), to size what
-the sorts cost.
+fresh inputs, medians). Its parts: the cuBLAS GEMM ``x @ w_in^T`` alone, and the selection alone (the histogram and
+last-program top-k of ``kernels/mlp_route.py`` on given scores, ``top_k_ascending_triton``); the fused scores kernel
+costs about the whole minus those two. Also times cuBLAS + ``torch.topk(sorted=False)``, an unsorted top-k.
 
     python benchmarks/mlp_router.py [--models opt-6.7b,opt-66b] [--batches 1,16,64] [--ranks 128,256,512]
 """
@@ -16,11 +17,16 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 import mlp
 
+from polar_compile.kernels.mlp_route import top_k_ascending_triton
+
+
+def unsorted_scores(s):
+    low = F.linear(s["x"], s["w_in"])
+    return torch.relu(torch.mm(low, s["w_out"].T, out_dtype=torch.float32)).sum(0)
+
 
 def unsorted_route(s):
-    low = F.linear(s["x"], s["w_in"])
-    scores = torch.relu(torch.mm(low, s["w_out"].T, out_dtype=torch.float32)).sum(0)
-    return torch.topk(scores, s["k"], sorted=False).indices
+    return torch.topk(unsorted_scores(s), s["k"], sorted=False).indices
 
 
 def main() -> None:
@@ -33,8 +39,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("mlp_router.py needs a CUDA GPU")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, density {args.density}")
-    print("| model | B | rank | router bytes / MLP bytes | mlp_route µs | topk-unsorted µs |")
-    print("|---|---|---|---|---|---|")
+    print("| model | B | rank | router bytes / MLP bytes | mlp_route µs | GEMM x @ w_in^T µs | select µs "
+          "| topk-unsorted µs |")
+    print("|---|---|---|---|---|---|---|---|")
     for model in args.models.split(","):
         d, ffn = mlp.MODELS[model]
         k = round(args.density * ffn)
@@ -45,10 +52,14 @@ def main() -> None:
             for batch in map(int, args.batches.split(",")):
                 for s in sets:
                     s["x"] = torch.randn(batch, d, device="cuda", dtype=torch.bfloat16)
+                    s["scores"] = unsorted_scores(s)  # what the select part ranks: the router's own scores
                 routed = mlp.time_us(lambda s: torch.ops.polar.mlp_route(s["x"], s["w_in"], s["w_out"], s["k"]), sets)
+                gemm = mlp.time_us(lambda s: F.linear(s["x"], s["w_in"]), sets)
+                select = mlp.time_us(lambda s: top_k_ascending_triton(s["scores"], s["k"]), sets)
                 unsorted = mlp.time_us(unsorted_route, sets)
                 share = rank * (d + ffn) / (2 * d * ffn)
-                print(f"| {model} | {batch} | {rank} | {share:.3f} | {routed:.1f} | {unsorted:.1f} |", flush=True)
+                print(f"| {model} | {batch} | {rank} | {share:.3f} | {routed:.1f} | {gemm:.1f} | {select:.1f} "
+                      f"| {unsorted:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

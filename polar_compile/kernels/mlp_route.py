@@ -1,19 +1,35 @@
-"""The MLP router's scores and top-k in two kernels: ``sum_rows relu(low @ w_out^T)`` over the neurons, then the k
-best neurons in ascending index order.
+"""The MLP router in one Triton launch after cuBLAS: ``sum_rows relu(low @ w_out^T)`` over the neurons, then the k
+best neurons in ascending index order, exact.
 
-``low = x @ w_in^T`` ([N, rank], in x's dtype) comes from cuBLAS before these. Then:
+``low = x @ w_in^T`` ([N, rank], in x's dtype) comes from cuBLAS. Then ``_mlp_route_kernel``, grid (neuron blocks):
 
-1. ``_scores_kernel``, grid (neuron blocks): program f computes ``relu(low @ w_out[neurons]^T)`` ([N, BLOCK_F],
-   fp32 accumulation, rows in BLOCK_N chunks) and sums it over the rows: ``scores [ffn]`` fp32.
-2. ``_select_kernel``, one program holding every score in registers. Scores are sums of ReLUs (>= 0, or NaN), so
-   as int keys ``bits(score) + 1`` (NaN -> 0, -0.0 -> 0.0) they order as the floats do. A 31-step binary search
-   finds the k-th largest key T (the largest T with ``#{key >= T} >= k``); the neurons with key > T are kept, and
-   of those with key == T the lowest indices, as many as k still needs (ties to the lower index, NaN lowest: as
-   ``ops.mlp_route_reference``). A prefix sum over the kept mask gives each kept neuron its output slot, so the
-   output is in ascending index order with no sort. Every slot of ``idx [k]`` is written whatever the scores.
+1. Program f computes the scores of its BLOCK_F neurons (``relu(low @ w_out[neurons]^T)`` summed over the rows,
+   fp32) and stores them. Scores are sums of ReLUs (>= 0, or NaN), so as int keys ``bits(score) + 1`` (NaN -> 0,
+   -0.0 -> +0.0) they order as the floats do. The program adds its keys to a global histogram of NUM_BINS bins
+   (``_bin``: a monotone map, 64 bins per binade over [2**-32, 2**32), clamped outside), one atomic per distinct bin
+   of the block, then takes a ticket from an arrival counter.
+2. The program that arrives last selects, alone (``_select``), reading every score back from L2:
+   a. the boundary bin b* holding the k-th largest key, and ``above`` = #{keys in bins > b*}, from the histogram;
+   b. one pass over the scores in CHUNK-key chunks appends every key in bins >= b* with its index to a list (in
+      index order, by a prefix sum per chunk and a running offset) and the keys of bin b* to a candidate buffer;
+   c. the k-th largest key T: a binary search between the smallest and the largest candidate, counting in
+      registers when the candidates fit the buffer (CAPACITY), else over the list chunk by chunk (slow, exact:
+      a bin crowded by equal scores, e.g. dead neurons all exactly 0, has min == max and needs no step);
+   d. one pass over the list writes ``idx``: keys > T all kept, keys == T the lowest indices while k needs them
+      (ties to the lower index, NaN lowest: as ``ops.mlp_route_reference``), each at its slot = #kept before it,
+      so the output is in ascending index order and every slot of ``idx [k]`` is written whatever the scores;
+   e. it zeroes the histogram and the counter for the next launch.
 
-Grids depend on shapes only: no host sync, CUDA-graph safe. This replaced cuBLAS + two ``torch.sort`` calls that
-took ~110 µs on an H200 for an OPT-6.7B-shaped layer, more than the dense MLP it steers.
+Memory ordering. Each program stores its scores and does its (relaxed) histogram atomics, then ``debug_barrier``
+(bar.sync: every thread's writes precede, in causality order, what thread 0 does next), then one ``acq_rel``
+atomic on the counter (a gpu-scope release, cumulative over the block's writes). The last program's ticket comes
+from the same atomic (an acquire that synchronizes with every earlier release) and reaches its other threads
+through the barrier Triton puts after a scalar atomic; it reads scores and histogram with ``.cg`` loads (L2, so no
+SM's L1 can serve a stale line). Its own list and buffer are written and read by one block, ordered by barriers.
+
+The histogram and counter live in a workspace cached per device and are zero between launches (``_workspace``).
+Launches that share it must be ordered on one stream (as decode steps and CUDA-graph replays are); two streams
+routing at once on one device would race. Grids depend on shapes only: no host sync, CUDA-graph safe.
 """
 
 from __future__ import annotations
@@ -28,19 +44,158 @@ from . import dot_types
 
 __all__ = ["MAX_SELECT_NEURONS", "mlp_route_triton"]
 
-MAX_SELECT_NEURONS = 65536  # the select kernel holds every score of a layer in one program's registers
-_BLOCK_F = 64  # neurons per scores program
+MAX_SELECT_NEURONS = 65536  # wider layers take the op's reference path: the widths tested and timed (no hard limit)
+_BLOCK_F = 64  # neurons per program
 _BLOCK_R = 64  # rank columns per loop step
+_NUM_BINS = 4096  # histogram bins: 64 per binade (key >> 17) over 64 binades from 2**-32 (key 95 << 23)
+_BIN_SHIFT = 17
+_BIN_OFFSET = 95 << 6
+_CHUNK = 2048  # keys per step of the last program's passes; < 2**15: two counts share an int32 prefix sum
+_CAPACITY = 2048  # candidates of the boundary bin searched in registers
 
 
 @triton.jit
-def _scores_kernel(
-    LOW, W_OUT, SCORES, rows, ffn, rank,
+def _score_key(score):
+    """fp32 scores (>= 0 or NaN) -> int32 keys in the same order: NaN 0, -0.0 and +0.0 1, +inf 0x7F800001."""
+    bits = score.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    return tl.where(score != score, 0, bits + 1)
+
+
+@triton.jit
+def _bin(key, NUM_BINS: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_OFFSET: tl.constexpr):
+    """The histogram bin of each key: monotone non-decreasing in the key, in [0, NUM_BINS)."""
+    return tl.minimum(tl.maximum((key >> BIN_SHIFT) - BIN_OFFSET, 0), NUM_BINS - 1)
+
+
+@triton.jit
+def _count_and_arrive(HIST, ARRIVED, key, ok, BLOCK: tl.constexpr,
+                      NUM_BINS: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_OFFSET: tl.constexpr):
+    """Adds this block's keys to HIST (one atomic per distinct bin: no same-address pile-up when many neurons
+    share a bin) and returns whether this program arrived last."""
+    # key: [BLOCK] int32   ok: [BLOCK] bool   HIST: [NUM_BINS] int32   ARRIVED: [] int32
+    b = tl.where(ok, _bin(key, NUM_BINS, BIN_SHIFT, BIN_OFFSET), -1)
+    same = b[:, None] == b[None, :]  # [BLOCK, BLOCK]
+    count = tl.sum(same.to(tl.int32), axis=1)
+    earlier = tl.arange(0, BLOCK)[None, :] < tl.arange(0, BLOCK)[:, None]
+    first = tl.sum((same & earlier).to(tl.int32), axis=1) == 0  # the block's first key in its bin
+    tl.atomic_add(HIST + b, count, mask=ok & first, sem="relaxed")
+    tl.debug_barrier()  # every thread's scores and atomics, then the one release below (see the module docstring)
+    return tl.atomic_add(ARRIVED, 1, sem="acq_rel") == tl.num_programs(0) - 1
+
+
+@triton.jit
+def _select(SCORES, HIST, ARRIVED, CAND, LIST_KEY, LIST_IDX, IDX, ffn, k,
+            NUM_BINS: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_OFFSET: tl.constexpr,
+            CHUNK: tl.constexpr, CAPACITY: tl.constexpr):
+    """Steps a-e of the module docstring, run by the last program alone."""
+    # SCORES: [ffn] fp32   CAND: [CAPACITY] int32   LIST_KEY, LIST_IDX: [ffn] int32   IDX: [k] int64
+    # a. boundary bin: at_or_above[b] = #{keys in bins >= b} is non-increasing, at_or_above[0] = ffn >= k
+    bins = tl.arange(0, NUM_BINS)
+    hist = tl.load(HIST + bins, cache_modifier=".cg")
+    at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
+    boundary = tl.sum((at_or_above >= k).to(tl.int32), axis=0) - 1
+    above = tl.max(tl.where(at_or_above < k, at_or_above, 0), axis=0)  # < k <= above + hist[boundary]
+
+    # b. list every key in bins >= boundary, and buffer those in the boundary bin; one packed prefix sum per chunk
+    # (low 16 bits: listed, high: candidates). The next chunk's load is issued before this one's scan.
+    offs = tl.arange(0, CHUNK)
+    listed = tl.zeros([], dtype=tl.int32)
+    cands = tl.zeros([], dtype=tl.int32)
+    score = tl.load(SCORES + offs, mask=offs < ffn, other=0.0, cache_modifier=".cg")
+    for start in range(0, ffn, CHUNK):
+        n = start + offs
+        ahead = n + CHUNK
+        score_ahead = tl.load(SCORES + ahead, mask=ahead < ffn, other=0.0, cache_modifier=".cg")
+        key = _score_key(score)
+        b = _bin(key, NUM_BINS, BIN_SHIFT, BIN_OFFSET)
+        ok = n < ffn
+        at = ok & (b >= boundary)
+        cand = ok & (b == boundary)
+        packed = tl.cumsum(at.to(tl.int32) | (cand.to(tl.int32) << 16), axis=0)
+        slot = listed + (packed & 0xFFFF) - 1
+        tl.store(LIST_KEY + slot, key, mask=at)
+        tl.store(LIST_IDX + slot, n, mask=at)
+        cand_slot = cands + (packed >> 16) - 1
+        tl.store(CAND + cand_slot, key, mask=cand & (cand_slot < CAPACITY))
+        chunk_total = tl.max(packed, axis=0)  # the last element: both halves are non-decreasing
+        listed += chunk_total & 0xFFFF
+        cands += chunk_total >> 16
+        score = score_ahead
+    tl.debug_barrier()  # the list and the buffer, written by every thread, are read by every thread below
+
+    # c. T = the largest key with #{keys >= T} >= k, between the smallest and the largest candidate
+    if cands <= CAPACITY:
+        c_offs = tl.arange(0, CAPACITY)
+        c_ok = c_offs < cands
+        cand_key = tl.load(CAND + c_offs, mask=c_ok, other=-1)  # -1: below every key
+        lo = tl.min(tl.where(c_ok, cand_key, 0x7FFFFFFF), axis=0)  # #{keys >= lo} = above + cands >= k
+        hi = tl.max(cand_key, axis=0) + 1  # #{keys >= hi} = above < k
+        while hi - lo > 1:
+            mid = lo + (hi - lo) // 2
+            enough = above + tl.sum((cand_key >= mid).to(tl.int32), axis=0) >= k
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid)
+        greater = above + tl.sum((cand_key > lo).to(tl.int32), axis=0)
+    else:  # the buffer overflowed: the same search over the list (every key in it above the boundary bin counts)
+        lo = tl.full([], 0x7FFFFFFF, dtype=tl.int32)
+        hi = tl.zeros([], dtype=tl.int32)
+        for start in range(0, listed, CHUNK):
+            n = start + offs
+            key = tl.load(LIST_KEY + n, mask=n < listed, other=-1)
+            in_bin = _bin(key, NUM_BINS, BIN_SHIFT, BIN_OFFSET) == boundary
+            lo = tl.minimum(lo, tl.min(tl.where(in_bin & (n < listed), key, 0x7FFFFFFF), axis=0))
+            hi = tl.maximum(hi, tl.max(tl.where(in_bin, key, -1), axis=0) + 1)
+        while hi - lo > 1:
+            mid = lo + (hi - lo) // 2
+            count = tl.zeros([], dtype=tl.int32)
+            for start in range(0, listed, CHUNK):
+                n = start + offs
+                count += tl.sum((tl.load(LIST_KEY + n, mask=n < listed, other=-1) >= mid).to(tl.int32), axis=0)
+            enough = count >= k
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid)
+        greater = tl.zeros([], dtype=tl.int32)
+        for start in range(0, listed, CHUNK):
+            n = start + offs
+            greater += tl.sum((tl.load(LIST_KEY + n, mask=n < listed, other=-1) > lo).to(tl.int32), axis=0)
+    threshold = lo
+    need = k - greater  # >= 1 keys equal to T still to keep
+
+    # d. keep key > T, and key == T while fewer than `need` equal keys came before; slot = #kept before
+    kept_greater = tl.zeros([], dtype=tl.int32)
+    seen_equal = tl.zeros([], dtype=tl.int32)
+    for start in range(0, listed, CHUNK):
+        n = start + offs
+        n_ok = n < listed
+        key = tl.load(LIST_KEY + n, mask=n_ok, other=-1)
+        neuron = tl.load(LIST_IDX + n, mask=n_ok, other=0)
+        gt = (key > threshold).to(tl.int32)
+        eq = (key == threshold).to(tl.int32)
+        packed = tl.cumsum(gt | (eq << 16), axis=0)
+        gt_before = kept_greater + (packed & 0xFFFF) - gt
+        eq_before = seen_equal + (packed >> 16) - eq
+        kept = (gt == 1) | ((eq == 1) & (eq_before < need))
+        tl.store(IDX + gt_before + tl.minimum(eq_before, need), neuron.to(tl.int64), mask=kept)
+        chunk_total = tl.max(packed, axis=0)
+        kept_greater += chunk_total & 0xFFFF
+        seen_equal += chunk_total >> 16
+
+    # e. clean for the next launch (no other program touches these any more)
+    tl.store(HIST + bins, tl.zeros([NUM_BINS], dtype=tl.int32))
+    tl.store(ARRIVED, 0)
+
+
+@triton.jit
+def _mlp_route_kernel(
+    LOW, W_OUT, SCORES, HIST, ARRIVED, CAND, LIST_KEY, LIST_IDX, IDX, rows, ffn, rank, k,
     stride_ln, stride_lr, stride_wf, stride_wr,
     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_BINS: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_OFFSET: tl.constexpr,
+    CHUNK: tl.constexpr, CAPACITY: tl.constexpr,
 ):
-    # LOW: [N, rank]   W_OUT: [ffn, rank]   SCORES: [ffn] fp32
+    # LOW: [N, rank]   W_OUT: [ffn, rank]   SCORES: [ffn] fp32   IDX: [k] int64, ascending
+    # HIST: [NUM_BINS] int32, ARRIVED: [] int32, zero on entry and on exit
     offs_f = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = offs_f < ffn
     offs_r = tl.arange(0, BLOCK_R)
@@ -60,47 +215,81 @@ def _scores_kernel(
         acc = tl.where(acc < 0, 0.0, acc)  # ReLU; NaN stays NaN
         total += tl.sum(tl.where(n_ok[:, None], acc, 0.0), axis=0)
     tl.store(SCORES + offs_f, total, mask=f_ok)
+    if _count_and_arrive(HIST, ARRIVED, _score_key(total), f_ok, BLOCK_F, NUM_BINS, BIN_SHIFT, BIN_OFFSET):
+        _select(SCORES, HIST, ARRIVED, CAND, LIST_KEY, LIST_IDX, IDX, ffn, k,
+                NUM_BINS, BIN_SHIFT, BIN_OFFSET, CHUNK, CAPACITY)
 
 
 @triton.jit
-def _select_kernel(SCORES, IDX, ffn, k, BLOCK: tl.constexpr):
-    # SCORES: [ffn] fp32 (>= 0 or NaN)   IDX: [k] int64, ascending
-    offs = tl.arange(0, BLOCK)
-    ok = offs < ffn
-    score = tl.load(SCORES + offs, mask=ok, other=0.0)
-    bits = score.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # -0.0 -> 0.0
-    key = tl.where(score != score, 0, bits + 1)  # NaN lowest; +inf (0x7f800000) + 1 highest
-    key = tl.where(ok, key, -1)  # padding below every neuron
-    lo = tl.zeros([], dtype=tl.int32)  # #{key >= lo} >= k always (every key >= 0)
-    hi = tl.full([], 0x7F800002, dtype=tl.int32)  # #{key >= hi} == 0 < k always
-    for _ in range(31):  # hi - lo < 2**31 halves each step
-        mid = lo + (hi - lo) // 2
-        enough = tl.sum((key >= mid).to(tl.int32), axis=0) >= k
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid)
-    greater = key > lo
-    equal = key == lo
-    need = k - tl.sum(greater.to(tl.int32), axis=0)
-    kept = greater | (equal & (tl.cumsum(equal.to(tl.int32), axis=0) <= need))
-    slot = tl.cumsum(kept.to(tl.int32), axis=0) - 1
-    tl.store(IDX + slot, offs.to(tl.int64), mask=kept)
+def _top_k_kernel(
+    SCORES, HIST, ARRIVED, CAND, LIST_KEY, LIST_IDX, IDX, ffn, k,
+    BLOCK_F: tl.constexpr, NUM_BINS: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_OFFSET: tl.constexpr,
+    CHUNK: tl.constexpr, CAPACITY: tl.constexpr,
+):
+    # The selection half alone, on given scores (tests, and timing it apart): SCORES [ffn] fp32 -> IDX [k] int64
+    offs_f = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
+    f_ok = offs_f < ffn
+    key = _score_key(tl.load(SCORES + offs_f, mask=f_ok, other=0.0))
+    if _count_and_arrive(HIST, ARRIVED, key, f_ok, BLOCK_F, NUM_BINS, BIN_SHIFT, BIN_OFFSET):
+        _select(SCORES, HIST, ARRIVED, CAND, LIST_KEY, LIST_IDX, IDX, ffn, k,
+                NUM_BINS, BIN_SHIFT, BIN_OFFSET, CHUNK, CAPACITY)
 
 
-def mlp_route_triton(x: Tensor, w_in: Tensor, w_out: Tensor, k: int) -> Tensor:
-    """``polar::mlp_route`` on CUDA (fp16/bf16): cuBLAS for ``x @ w_in^T``, then the two kernels above."""
+_WORKSPACES: dict[torch.device, Tensor] = {}
+
+
+def _workspace(device: torch.device) -> Tensor:
+    """int32 [NUM_BINS + 1] (the histogram, then the arrival counter) of ``device``, zero between launches: each
+    launch's last program re-zeroes it. Made on first use outside a CUDA-graph capture; a capture that comes
+    first gets a fresh zeroed one (a memset in the graph) so no replay depends on memory zeroed outside it."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing() and device not in _WORKSPACES:
+        return torch.zeros(_NUM_BINS + 1, dtype=torch.int32, device=device)
+    if device not in _WORKSPACES:
+        _WORKSPACES[device] = torch.zeros(_NUM_BINS + 1, dtype=torch.int32, device=device)
+    return _WORKSPACES[device]
+
+
+def _selection_buffers(ffn: int, capacity: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(candidate buffer [capacity], list keys [ffn], list indices [ffn]) int32: scratch, no zeroing needed."""
+    scratch = torch.empty(capacity + 2 * ffn, dtype=torch.int32, device=device)
+    return scratch[:capacity], scratch[capacity:capacity + ffn], scratch[capacity + ffn:]
+
+
+def top_k_ascending_triton(scores: Tensor, k: int, *, out: Tensor | None = None, capacity: int = _CAPACITY) -> Tensor:
+    """The selection half alone: the k largest fp32 ``scores`` [ffn] as int64 indices in ascending order, as
+    ``ops._top_k_ascending``. ``capacity`` (a power of two) sizes the candidate buffer; tests shrink it."""
+    ffn = scores.shape[0]
+    assert scores.dtype == torch.float32 and ffn <= MAX_SELECT_NEURONS and 1 <= k <= ffn
+    idx = torch.empty(k, dtype=torch.int64, device=scores.device) if out is None else out
+    workspace = _workspace(scores.device)
+    cand, list_key, list_idx = _selection_buffers(ffn, capacity, scores.device)
+    wrap_triton(_top_k_kernel)[(triton.cdiv(ffn, _BLOCK_F),)](
+        scores, workspace, workspace[_NUM_BINS:], cand, list_key, list_idx, idx, ffn, k,
+        BLOCK_F=_BLOCK_F, NUM_BINS=_NUM_BINS, BIN_SHIFT=_BIN_SHIFT, BIN_OFFSET=_BIN_OFFSET,
+        CHUNK=_CHUNK, CAPACITY=capacity,
+    )
+    return idx
+
+
+def mlp_route_triton(x: Tensor, w_in: Tensor, w_out: Tensor, k: int, *, scores: Tensor | None = None) -> Tensor:
+    """``polar::mlp_route`` on CUDA (fp16/bf16): cuBLAS for ``x @ w_in^T``, then the kernel above. ``scores``
+    (fp32 [ffn]), when given, receives the neurons' scores (tests)."""
     rows = x.reshape(-1, x.shape[-1])
     low = torch.nn.functional.linear(rows, w_in)  # [N, rank] in x's dtype
     ffn, rank = w_out.shape
     assert ffn <= MAX_SELECT_NEURONS and 1 <= k <= ffn
-    scores = torch.empty(ffn, dtype=torch.float32, device=x.device)
+    if scores is None:
+        scores = torch.empty(ffn, dtype=torch.float32, device=x.device)
+    idx = torch.empty(k, dtype=torch.int64, device=x.device)
+    workspace = _workspace(x.device)
+    cand, list_key, list_idx = _selection_buffers(ffn, _CAPACITY, x.device)
     dot_dtype, dot_precision = dot_types(x.dtype, x.device)
     block_n = min(64, max(16, triton.next_power_of_2(low.shape[0])))
-    wrap_triton(_scores_kernel)[(triton.cdiv(ffn, _BLOCK_F),)](
-        low, w_out, scores, low.shape[0], ffn, rank,
+    wrap_triton(_mlp_route_kernel)[(triton.cdiv(ffn, _BLOCK_F),)](
+        low, w_out, scores, workspace, workspace[_NUM_BINS:], cand, list_key, list_idx, idx,
+        low.shape[0], ffn, rank, k,
         low.stride(0), low.stride(1), w_out.stride(0), w_out.stride(1),
         BLOCK_N=block_n, BLOCK_F=_BLOCK_F, BLOCK_R=_BLOCK_R, DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision,
+        NUM_BINS=_NUM_BINS, BIN_SHIFT=_BIN_SHIFT, BIN_OFFSET=_BIN_OFFSET, CHUNK=_CHUNK, CAPACITY=_CAPACITY,
     )
-    idx = torch.empty(k, dtype=torch.int64, device=x.device)
-    block = triton.next_power_of_2(ffn)
-    wrap_triton(_select_kernel)[(1,)](scores, idx, ffn, k, BLOCK=block, num_warps=32 if block > 16384 else 16)
     return idx

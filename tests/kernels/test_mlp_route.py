@@ -1,8 +1,9 @@
-"""The MLP router's Triton kernels (scores, then top-k in ascending index order) against float64 math and a
-selection written here.
+"""The MLP router's Triton kernel (scores, histogram, and the last program's top-k in ascending index order) against
+float64 math and a selection written here.
 
-Without CUDA the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set by ``conftest.py``). The
-index output is poisoned before the select kernel writes it, so a slot it never writes fails.
+Without CUDA the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set by ``conftest.py``). Index
+outputs are poisoned before a launch, so a slot it never writes fails; after every launch the self-cleaning
+workspace (histogram + arrival counter) must be zero again.
 """
 
 from __future__ import annotations
@@ -15,17 +16,17 @@ pytest.importorskip("triton")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from polar_compile.kernels import dot_types
-from polar_compile.kernels.mlp_route import _BLOCK_F, _scores_kernel, _select_kernel, mlp_route_triton
+from polar_compile.kernels.mlp_route import _CHUNK, _workspace, mlp_route_triton, top_k_ascending_triton
 from tests.budget import examples
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TIES = ["none", "zeros", "all zero", "few values", "nan and inf", "all nan", "huge range"]
 
 
 def top_k_ascending(scores: torch.Tensor, k: int) -> list[int]:
-    """The k best neurons by (score desc, index asc), NaN lowest, as a sorted list: plain Python."""
-    values = [float("-inf") if v != v else v for v in scores.tolist()]
+    """The k best neurons by (score desc, index asc), NaN lowest, -0.0 == +0.0, as a sorted list: plain Python."""
+    values = [float("-inf") if v != v else v + 0.0 for v in scores.tolist()]
     order = sorted(range(len(values)), key=lambda i: (-values[i], i))
     return sorted(order[:k])
 
@@ -35,24 +36,89 @@ def scores_float64(x, w_in, w_out):
     return torch.relu(low @ w_out.double().T).sum(0)
 
 
-@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ffn=st.integers(1, 300), data=st.data(), ties=st.sampled_from(["none", "zeros", "few values", "nan"]))
-def test_select_keeps_the_top_k_ascending_ties_to_the_lower_index(ffn, data, ties):
-    k = data.draw(st.integers(1, ffn))
-    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+def tied_scores(ffn: int, ties: str, generator: torch.Generator) -> torch.Tensor:
     scores = torch.rand(ffn, generator=generator) * 10
     if ties == "zeros":  # dead neurons: many exact zeros (and a -0.0)
         scores[torch.rand(ffn, generator=generator) < 0.6] = 0.0
         scores[0] = -0.0
+    elif ties == "all zero":
+        scores = torch.zeros(ffn)
+        scores[::3] = -0.0
     elif ties == "few values":
         scores = torch.randint(0, 3, (ffn,), generator=generator).float()
-    elif ties == "nan":
+    elif ties == "nan and inf":
         scores[torch.rand(ffn, generator=generator) < 0.3] = float("nan")
-        scores[-1] = float("inf")
-    idx = torch.full((k,), -7, dtype=torch.int64, device=DEVICE)
-    block = max(16, 1 << (ffn - 1).bit_length())
-    _select_kernel[(1,)](scores.to(DEVICE), idx, ffn, k, BLOCK=block)
-    assert idx.cpu().tolist() == top_k_ascending(scores, k)
+        scores[torch.rand(ffn, generator=generator) < 0.1] = float("inf")
+    elif ties == "all nan":
+        scores = torch.full((ffn,), float("nan"))
+    elif ties == "huge range":  # beyond the histogram's binade window at both ends: its clamped first and last bins
+        scores = torch.exp2(torch.randint(-140, 128, (ffn,), generator=generator).float()) * (1 + scores / 10)
+    return scores
+
+
+def assert_clean_workspace():
+    assert not _workspace(torch.device(DEVICE)).any(), "histogram or arrival counter left non-zero"
+
+
+def select(scores: torch.Tensor, k: int, capacity: int) -> list[int]:
+    poisoned = torch.full((k + 64,), -7, dtype=torch.int64, device=DEVICE)  # a guard after the k slots
+    top_k_ascending_triton(scores.to(DEVICE), k, out=poisoned[:k], capacity=capacity)
+    assert_clean_workspace()
+    assert (poisoned[k:] == -7).all(), "wrote past slot k - 1"
+    return poisoned[:k].cpu().tolist()
+
+
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ffn=st.integers(1, 300), data=st.data(), ties=st.sampled_from(TIES), capacity=st.sampled_from([16, 2048]))
+def test_select_keeps_the_top_k_ascending_ties_to_the_lower_index(ffn, data, ties, capacity):
+    """capacity 16 overflows the candidate buffer often: the search over the list must agree."""
+    k = data.draw(st.integers(1, ffn))
+    scores = tied_scores(ffn, ties, torch.Generator().manual_seed(data.draw(st.integers(0, 2**16))))
+    assert select(scores, k, capacity) == top_k_ascending(scores, k)
+
+
+@pytest.mark.parametrize("ffn, k", [(1, 1), (2, 1), (2, 2), (_CHUNK + 1, 1), (2 * _CHUNK + 37, 900),
+                                    (2 * _CHUNK + 37, 2 * _CHUNK + 37)])
+@pytest.mark.parametrize("ties", ["none", "zeros", "few values", "nan and inf"])
+def test_select_over_several_chunks_and_at_the_ends_of_k(ffn, k, ties):
+    scores = tied_scores(ffn, ties, torch.Generator().manual_seed(ffn + k))
+    expected = top_k_ascending(scores, k)
+    assert select(scores, k, 2048) == expected
+    assert select(scores, k, 16) == expected  # the candidate buffer overflows whenever the boundary bin has > 16
+
+
+@pytest.mark.parametrize("capacity", [2, 2048])
+def test_select_finds_a_tied_threshold_among_close_keys_of_one_bin(capacity):
+    """Keys one ulp apart share a histogram bin; the k-th largest is the top key (tied), the lowest, or between."""
+    one = torch.tensor(1.0)
+    up = torch.nextafter(one, torch.tensor(2.0))
+    down = torch.nextafter(one, torch.tensor(0.0))
+    scores = torch.stack([one, up, down, up, one, down, up]).repeat(2)
+    for k in range(1, scores.shape[0] + 1):
+        assert select(scores, k, capacity) == top_k_ascending(scores, k), k
+
+
+def test_consecutive_calls_of_other_sizes_each_start_from_a_clean_workspace():
+    generator = torch.Generator().manual_seed(0)
+    for ffn, k in [(5000, 700), (300, 299), (5000, 1), (64, 64)]:
+        scores = tied_scores(ffn, "zeros", generator)
+        assert select(scores, k, 2048) == top_k_ascending(scores, k)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # the interpreter's NaN dot
+@pytest.mark.parametrize("ties", ["none", "zeros", "all zero", "few values", "nan and inf", "huge range"])
+def test_route_selects_exactly_on_its_own_scores(ties):
+    """One row, rank 1, fp32: score[n] = relu(w_out[n, 0]) exactly, so the fused kernel sees every tie pattern;
+    its index output must be the plain selection applied to the scores it wrote, bit for bit."""
+    ffn = 2 * _CHUNK + 5
+    generator = torch.Generator().manual_seed(1)
+    w_out = tied_scores(ffn, ties, generator)[:, None].to(DEVICE)
+    x = torch.ones(1, 1, device=DEVICE)
+    scores = torch.full((ffn,), -1.0, device=DEVICE)
+    for k in [1, 300, ffn]:
+        idx = mlp_route_triton(x, torch.ones(1, 1, device=DEVICE), w_out, k, scores=scores).cpu().tolist()
+        assert_clean_workspace()
+        assert idx == top_k_ascending(scores.cpu(), k), k
 
 
 @settings(max_examples=examples(10), deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -65,19 +131,14 @@ def test_scores_and_route_match_float64(rows, hidden, rank, ffn, dtype, data):
     w_out = (torch.randn(ffn, rank, generator=generator) / rank**0.5).to(DEVICE, dtype)
     expected = scores_float64(x.cpu(), w_in.cpu(), w_out.cpu())
 
-    low = torch.nn.functional.linear(x, w_in)
+    k = data.draw(st.integers(1, ffn))
     scores = torch.full((ffn,), float("nan"), device=DEVICE)
-    dot_dtype, precision = dot_types(dtype, x.device)
-    _scores_kernel[((ffn + _BLOCK_F - 1) // _BLOCK_F,)](
-        low, w_out, scores, rows, ffn, rank, low.stride(0), low.stride(1), w_out.stride(0), w_out.stride(1),
-        BLOCK_N=16, BLOCK_F=_BLOCK_F, BLOCK_R=64, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision)
+    idx = mlp_route_triton(x, w_in, w_out, k, scores=scores).cpu()
+    assert_clean_workspace()
     tolerance = 2e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(scores.cpu().double(), expected, rtol=tolerance, atol=tolerance * rows)
-
-    k = data.draw(st.integers(1, ffn))
-    idx = mlp_route_triton(x, w_in, w_out, k).cpu()
-    assert idx.tolist() == sorted(set(idx.tolist())) and len(idx) == k
+    assert idx.tolist() == top_k_ascending(scores.cpu(), k)  # exact on the kernel's own scores
     chosen = torch.zeros(ffn, dtype=torch.bool)
     chosen[idx] = True
-    if k < ffn:  # a valid top-k of the float64 scores, up to the kernels' rounding
+    if k < ffn:  # a valid top-k of the float64 scores, up to the kernel's rounding
         assert expected[chosen].min() >= expected[~chosen].max() - 2 * tolerance * (1 + expected.abs().max())
