@@ -18,7 +18,6 @@ best neurons in ascending index order, exact.
    d. one pass over the list writes ``idx``: keys > T all kept, keys == T the lowest indices while k needs them
       (ties to the lower index, NaN lowest: as ``ops.mlp_route_reference``), each at its slot = #kept before it,
       so the output is in ascending index order and every slot of ``idx [k]`` is written whatever the scores;
-   e. it zeroes the histogram and the counter for the next launch.
 
 Memory ordering. Each program stores its scores and does its (relaxed) histogram atomics, then ``debug_barrier``
 (bar.sync: every thread's writes precede, in causality order, what thread 0 does next), then one ``acq_rel``
@@ -27,9 +26,8 @@ from the same atomic (an acquire that synchronizes with every earlier release) a
 through the barrier Triton puts after a scalar atomic; it reads scores and histogram with ``.cg`` loads (L2, so no
 SM's L1 can serve a stale line). Its own list and buffer are written and read by one block, ordered by barriers.
 
-The histogram and counter live in a workspace cached per device and are zero between launches (``_workspace``).
-Launches that share it must be ordered on one stream (as decode steps and CUDA-graph replays are); two streams
-routing at once on one device would race. Grids depend on shapes only: no host sync, CUDA-graph safe.
+The histogram and counter live in a zeroed workspace allocated per call (``_workspace``: one memset). Grids depend
+on shapes only: no host sync, CUDA-graph safe.
 """
 
 from __future__ import annotations
@@ -50,7 +48,8 @@ _BLOCK_R = 64  # rank columns per loop step
 _NUM_BINS = 4096  # histogram bins: 64 per binade (key >> 17) over 64 binades from 2**-32 (key 95 << 23)
 _BIN_SHIFT = 17
 _BIN_OFFSET = 95 << 6
-_CHUNK = 2048  # keys per step of the last program's passes; < 2**15: two counts share an int32 prefix sum
+_CHUNK = 8192  # keys per step of the last program's passes; < 2**15: two counts share an int32 prefix sum
+_NUM_WARPS = 8  # the last program's passes are serial, latency-bound steps: wide chunks, more warps (H200)
 _CAPACITY = 2048  # candidates of the boundary bin searched in registers
 
 
@@ -180,9 +179,6 @@ def _select(SCORES, HIST, ARRIVED, CAND, LIST_KEY, LIST_IDX, IDX, ffn, k,
         kept_greater += chunk_total & 0xFFFF
         seen_equal += chunk_total >> 16
 
-    # e. clean for the next launch (no other program touches these any more)
-    tl.store(HIST + bins, tl.zeros([NUM_BINS], dtype=tl.int32))
-    tl.store(ARRIVED, 0)
 
 
 @triton.jit
@@ -195,7 +191,7 @@ def _mlp_route_kernel(
     CHUNK: tl.constexpr, CAPACITY: tl.constexpr,
 ):
     # LOW: [N, rank]   W_OUT: [ffn, rank]   SCORES: [ffn] fp32   IDX: [k] int64, ascending
-    # HIST: [NUM_BINS] int32, ARRIVED: [] int32, zero on entry and on exit
+    # HIST: [NUM_BINS] int32, ARRIVED: [] int32, zero on entry
     offs_f = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = offs_f < ffn
     offs_r = tl.arange(0, BLOCK_R)
@@ -235,18 +231,12 @@ def _top_k_kernel(
                 NUM_BINS, BIN_SHIFT, BIN_OFFSET, CHUNK, CAPACITY)
 
 
-_WORKSPACES: dict[torch.device, Tensor] = {}
-
-
 def _workspace(device: torch.device) -> Tensor:
-    """int32 [NUM_BINS + 1] (the histogram, then the arrival counter) of ``device``, zero between launches: each
-    launch's last program re-zeroes it. Made on first use outside a CUDA-graph capture; a capture that comes
-    first gets a fresh zeroed one (a memset in the graph) so no replay depends on memory zeroed outside it."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing() and device not in _WORKSPACES:
-        return torch.zeros(_NUM_BINS + 1, dtype=torch.int32, device=device)
-    if device not in _WORKSPACES:
-        _WORKSPACES[device] = torch.zeros(_NUM_BINS + 1, dtype=torch.int32, device=device)
-    return _WORKSPACES[device]
+    """A zeroed int32 [NUM_BINS + 1] (the histogram, then the arrival counter) for one launch: one memset per call.
+    A workspace cached across calls (kept zero by each launch's last program) broke Inductor's CUDA-graph trees:
+    first allocated during their warm-up run, it was a live tensor of the graphs' memory pool that no graph
+    output tracked (H200, torch 2.11)."""
+    return torch.zeros(_NUM_BINS + 1, dtype=torch.int32, device=device)
 
 
 def _selection_buffers(ffn: int, capacity: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -266,7 +256,7 @@ def top_k_ascending_triton(scores: Tensor, k: int, *, out: Tensor | None = None,
     wrap_triton(_top_k_kernel)[(triton.cdiv(ffn, _BLOCK_F),)](
         scores, workspace, workspace[_NUM_BINS:], cand, list_key, list_idx, idx, ffn, k,
         BLOCK_F=_BLOCK_F, NUM_BINS=_NUM_BINS, BIN_SHIFT=_BIN_SHIFT, BIN_OFFSET=_BIN_OFFSET,
-        CHUNK=_CHUNK, CAPACITY=capacity,
+        CHUNK=_CHUNK, CAPACITY=capacity, num_warps=_NUM_WARPS,
     )
     return idx
 
@@ -291,5 +281,6 @@ def mlp_route_triton(x: Tensor, w_in: Tensor, w_out: Tensor, k: int, *, scores: 
         low.stride(0), low.stride(1), w_out.stride(0), w_out.stride(1),
         BLOCK_N=block_n, BLOCK_F=_BLOCK_F, BLOCK_R=_BLOCK_R, DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision,
         NUM_BINS=_NUM_BINS, BIN_SHIFT=_BIN_SHIFT, BIN_OFFSET=_BIN_OFFSET, CHUNK=_CHUNK, CAPACITY=_CAPACITY,
+        num_warps=_NUM_WARPS,
     )
     return idx
