@@ -40,9 +40,15 @@ class PolarConfig:
     VERSION: ClassVar[int] = 1
     DEFAULT_DENSITY: ClassVar[float] = 0.5
     CUDA_MIN_SAVED_MIB: ClassVar[float] = 32.0
-    # (largest batch size, neuron density): past it the gather-GEMMs (+ router) are slower than the dense MLP on
-    # CUDA (H200, bf16, benchmarks/mlp.py); a sparse MLP layer whose k is past it stays dense
-    CUDA_MLP_BREAK_EVEN: ClassVar[tuple[tuple[int, float], ...]] = ((16, 0.9), (32, 0.8), (64, 0.6), (2**62, 0.5))
+    # Neuron density past which a routed sparse MLP (router + gather-GEMMs) is slower than the dense one on CUDA:
+    # (largest MLP weight bytes, ((largest batch size, density), ...)). Measured on an H200 in bf16 with the
+    # router of af57df7 (benchmarks/mlp-runs/run03-routed.md: OPT-6.7B's 256 MiB MLP and OPT-66B's 1.27 GiB at
+    # B = 1, 16, 64); B = 32 interpolated, B > 64 extrapolated. The router's fixed ~36-70 µs weighs most on small
+    # MLPs. A sparse MLP layer whose k is past it stays dense.
+    CUDA_MLP_BREAK_EVEN: ClassVar[tuple[tuple[int, tuple[tuple[int, float], ...]], ...]] = (
+        (2**30, ((16, 0.3), (32, 0.25), (64, 0.15), (2**62, 0.1))),
+        (2**62, ((16, 0.6), (32, 0.55), (64, 0.45), (2**62, 0.35))),
+    )
 
     routers: RouterBank | None = None
     density: float | tuple[float, ...] | None = None
@@ -124,12 +130,13 @@ class PolarConfig:
             mib = self.CUDA_MIN_SAVED_MIB if device_type == "cuda" else 0.0
         return mib * 2**20
 
-    def mlp_break_even(self, device_type: str, batch: int) -> float:
-        """The neuron density up to which a sparse MLP of ``batch`` tokens beats the dense one on ``device_type``
-        (1.0 off CUDA, where the reference ops exist for correctness, not speed)."""
+    def mlp_break_even(self, device_type: str, batch: int, weight_bytes: int) -> float:
+        """The neuron density up to which a sparse MLP of ``batch`` tokens and ``weight_bytes`` of weights beats the
+        dense one on ``device_type`` (1.0 off CUDA, where the reference ops exist for correctness, not speed)."""
         if device_type != "cuda":
             return 1.0
-        return next(density for largest, density in self.CUDA_MLP_BREAK_EVEN if batch <= largest)
+        table = next(rows for largest, rows in self.CUDA_MLP_BREAK_EVEN if weight_bytes <= largest)
+        return next(density for largest, density in table if batch <= largest)
 
     def layer_density(self, layer: int) -> float:
         """The density that layer ``layer`` runs at."""

@@ -17,6 +17,12 @@ settings.register_profile("polar-thorough", deadline=None, derandomize=False, pr
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "polar-ci" if os.environ.get("CI") else "polar"))
 
 
+# torch._dynamo.reset() iterates its registered backends and resets each; Inductor's reset may import
+# torch._inductor.select_algorithm for the first time, whose module-level @torch.compiler.disable registers another
+# backend during that iteration ("dictionary changed size during iteration"). Import it once up front.
+import torch._inductor.select_algorithm  # noqa: E402
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     """Each test compiles from scratch: no cache entries or recompile counts carried between tests."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from polar_compile import bench
+from polar_compile import PolarConfig, bench
 from polar_compile.bench import (
     KERNEL_CATEGORIES,
     SHAPES,
@@ -533,7 +533,7 @@ def test_case_routers_build_the_k_table_and_rank():
     assert bench.case_routers(tiny("llama2-7b"), "llama2-7b").mlp is None
 
 
-def test_variant_banks_and_run_densities():
+def test_variant_banks_and_run_densities(monkeypatch):
     from polar_compile.bench import variants as v
 
     model = tiny("opt-6.7b", layers=4)
@@ -546,9 +546,12 @@ def test_variant_banks_and_run_densities():
     assert v.attention_density_run(bank, 0.5, 1, 16) == 1.0  # far below 32 MiB: the pass keeps it dense
     assert v.attention_density_run(bank, 0.5, 1, 16, thresholds=False) == pytest.approx((1 + 3 * 0.5) / 4)
     assert v.attention_density_run(bank, 0.5, 64, 2**14) == pytest.approx((1 + 3 * 0.5) / 4)  # 128 MiB saved
-    # MLP: at B=64 the break-even is 0.6 of ffn (config); the table's .623 -> k 128 of 128 stays dense
+    # MLP: a small MLP's break-even (config) is 0.3 of ffn at B=1 and 0.15 at B=64: the tiny table's k (64 and 128
+    # of 128) stays dense; with a break-even of 0.6 the B=1 row runs
     assert v.mlp_table_ks(bank, 64) == [None, 128, 128, 128] and v.mlp_ks_run(bank, 64) == [None] * 4
-    assert v.mlp_ks_run(bank, 1) == v.mlp_table_ks(bank, 1) == [None, 64, 64, 64]
+    assert v.mlp_table_ks(bank, 1) == [None, 64, 64, 64] and v.mlp_ks_run(bank, 1) == [None] * 4
+    monkeypatch.setattr(PolarConfig, "mlp_break_even", lambda self, device_type, batch, weight_bytes: 0.6)
+    assert v.mlp_ks_run(bank, 1) == [None, 64, 64, 64] and v.mlp_ks_run(bank, 64) == [None] * 4
     assert v.mlp_density([None, 64, 64, 64], 128) == pytest.approx((1 + 3 * 0.5) / 4)
     assert v.mlp_ks_run(v.attention_only(bank), 1) == [None] * 4
 
@@ -695,6 +698,8 @@ def test_run_case_row_on_the_cpu(monkeypatch):
     monkeypatch.setattr(run, "kernel_breakdown", lambda step, fn: dict(
         zip(KERNEL_CATEGORIES, (0.004, 0.015, 0.0, 0.0, 0.001), strict=True)))
     monkeypatch.setattr(run, "mlp_router_seconds", lambda routers, batch: 1e-4 * len(routers))
+    # a tiny MLP's k (64 of 128) is past a small MLP's real break-even: route it anyway, to see the bookkeeping
+    monkeypatch.setattr(PolarConfig, "mlp_break_even", lambda self, device_type, batch, weight_bytes: 0.6)
     row = run.run_case("opt-6.7b", 1, 16, repeats=3, variants=["polar-both", "polar-mlp", "polar-attn"],
                        attn_density=0.25, device="cpu")
     assert [v for v, _ in compiled] == ["inductor-gqa", "polar-attn", "polar-mlp", "polar-both"]  # baseline added

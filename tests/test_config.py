@@ -120,3 +120,12 @@ def test_min_saved_mib_defaults_to_the_cuda_cost_model_only_on_cuda():
 def test_options_must_be_a_mapping():
     with pytest.raises(PolarOptionError, match=r"polar options must be a dict, got list \[\('density', 0\.5\)\]"):
         PolarConfig.from_options([("density", 0.5)])
+
+
+def test_mlp_break_even_by_device_batch_and_mlp_size():
+    config = PolarConfig()
+    assert config.mlp_break_even("cpu", 64, 2**40) == 1.0  # the reference ops: always route what the table says
+    small, large = 256 * 2**20, 2**31  # OPT-6.7B's MLP, OPT-66B's
+    assert [config.mlp_break_even("cuda", b, small) for b in (1, 16, 17, 64, 65, 256)] == [0.3, 0.3, 0.25, 0.15,
+                                                                                         0.1, 0.1]
+    assert [config.mlp_break_even("cuda", b, large) for b in (1, 16, 32, 64, 128)] == [0.6, 0.6, 0.55, 0.45, 0.35]

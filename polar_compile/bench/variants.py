@@ -154,7 +154,9 @@ def mlp_ks_run(bank: RouterBank, batch: int) -> list[int | None]:
     mlp = bank.mlp
     if mlp is None:
         return [None] * bank.shape.num_layers
-    ffn, break_even = mlp.ffn_size, PolarConfig().mlp_break_even("cuda", batch)
+    ffn = mlp.ffn_size
+    weight_bytes = 2 * bank.shape.hidden_size * ffn * 2  # the bench's ReLU MLPs: plain, bf16
+    break_even = PolarConfig().mlp_break_even("cuda", batch, weight_bytes)
     ks = [mlp.k_for(layer, batch) for layer in range(bank.shape.num_layers)]
     return [k if k is not None and k <= break_even * ffn else None for k in ks]
 

@@ -122,7 +122,8 @@ class MlpPass:
                 return f"the weight of {module_path(projection) or 'a projection'} is computed in the graph"
         if rows is None:  # attached: k is the guarded table row of this batch size; judge cost at the example's
             rows = _rows(site, hint=True)
-        break_even = self.config.mlp_break_even(x.device.type, rows)
+        weight_bytes = (2 if site.gate is None else 3) * x.shape[-1] * site.ffn_size * x.element_size()
+        break_even = self.config.mlp_break_even(x.device.type, rows, weight_bytes)
         if router.k > break_even * site.ffn_size:
             return (f"k={router.k} of {site.ffn_size} neurons at batch size {rows} is past the gather kernels' "
                     f"break-even density {break_even:g}: dense is faster")

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import polar_compile
 from polar_compile import MlpRouters, RouterBank
+from polar_compile.config import PolarConfig
 from polar_compile.routers import RouterBankError
 from polar_compile.testing import random_routers
 from tests.budget import examples
@@ -129,3 +130,22 @@ def test_a_bank_for_another_mlp_width_is_refused_naming_it():
     step = torch.compile(model.forward, backend=polar_compile.make_backend(wrong, inductor=False), fullgraph=True)
     with pytest.raises(Exception, match=r"layer 1 .*MLP router is in \[8, 32\], out \[128, 8\]"):
         polar_logits(step, driver)
+
+
+def test_k_past_the_break_even_stays_dense_with_the_reason(monkeypatch):
+    seen = []
+
+    def break_even(self, device_type, batch, weight_bytes):
+        seen.append((device_type, batch, weight_bytes))
+        return 0.4
+
+    monkeypatch.setattr(PolarConfig, "mlp_break_even", break_even)
+    model = relu_model("llama", relu=True)  # gated: 3 matrices of hidden 32 x ffn 64, fp32
+    bank = mlp_bank(model, first_layer=0, topk={2: [16, 32]})
+    driver = driver_for(model, 2)
+    report = polar_compile.explain(model, **driver.decode_inputs(driver.prefill()), options={"routers": bank})
+    assert [(s.layer, s.rewritten, s.reason) for s in report.sites_of("mlp")] == [
+        (0, True, ""),
+        (1, False, "k=32 of 64 neurons at batch size 2 is past the gather kernels' break-even density 0.4: dense is "
+                   "faster")]
+    assert seen == [("cpu", 2, 3 * 32 * 64 * 4)] * 2
