@@ -1,8 +1,8 @@
 """Time of the MLP router (``polar::mlp_route``: rank-r GEMMs, ReLU, batch sum, top-k in ascending index order) on one
 GPU, beside the gather-GEMMs' dense MLP it steers, as ``benchmarks/mlp.py`` times (CUDA-graph replay over rotating
-fresh inputs, medians). Its parts: the cuBLAS GEMM ``x @ w_in^T`` alone, and the selection alone (the histogram and
-last-program top-k of ``kernels/mlp_route.py`` on given scores, ``top_k_ascending_triton``); the fused scores kernel
-costs about the whole minus those two. Also times cuBLAS + ``torch.topk(sorted=False)``, an unsorted top-k.
+fresh inputs, medians). Its parts: the cuBLAS GEMM ``x @ w_in^T`` alone, and the selection alone (the histogram,
+boundary-bin and write launches of ``kernels/mlp_route.py`` on given scores, ``top_k_ascending_triton``); the scores
+launch costs about the whole minus those two. Also times cuBLAS + ``torch.topk(sorted=False)``, an unsorted top-k.
 
     python benchmarks/mlp_router.py [--models opt-6.7b,opt-66b] [--batches 1,16,64] [--ranks 128,256,512]
 """

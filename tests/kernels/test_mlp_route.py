@@ -1,5 +1,5 @@
-"""The MLP router's Triton kernel (scores, histogram, and the last program's top-k in ascending index order) against
-float64 math and a selection written here.
+"""The MLP router's Triton kernels (scores and histogram; boundary bin and candidates; threshold and writes of the
+top-k in ascending index order) against float64 math and a selection written here.
 
 Without CUDA the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set by ``conftest.py``). Index
 outputs are poisoned before a launch, so a slot it never writes fails.
@@ -55,20 +55,22 @@ def tied_scores(ffn: int, ties: str, generator: torch.Generator) -> torch.Tensor
     return scores
 
 
-def select(scores: torch.Tensor, k: int, capacity: int) -> list[int]:
+def select(scores: torch.Tensor, k: int, capacity: int, chunk: int = _CHUNK) -> list[int]:
     poisoned = torch.full((k + 64,), -7, dtype=torch.int64, device=DEVICE)  # a guard after the k slots
-    top_k_ascending_triton(scores.to(DEVICE), k, out=poisoned[:k], capacity=capacity)
+    top_k_ascending_triton(scores.to(DEVICE), k, out=poisoned[:k], capacity=capacity, chunk=chunk)
     assert (poisoned[k:] == -7).all(), "wrote past slot k - 1"
     return poisoned[:k].cpu().tolist()
 
 
 @settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ffn=st.integers(1, 300), data=st.data(), ties=st.sampled_from(TIES), capacity=st.sampled_from([16, 2048]))
-def test_select_keeps_the_top_k_ascending_ties_to_the_lower_index(ffn, data, ties, capacity):
-    """capacity 16 overflows the candidate buffer often: the search over the list must agree."""
+@given(ffn=st.integers(1, 300), data=st.data(), ties=st.sampled_from(TIES), capacity=st.sampled_from([16, 2048]),
+       chunk=st.sampled_from([16, 64, _CHUNK]))
+def test_select_keeps_the_top_k_ascending_ties_to_the_lower_index(ffn, data, ties, capacity, chunk):
+    """capacity 16 overflows the candidate buffer often: the search over the scores must agree. Chunks of 16 keys
+    spread the selection over up to 19 programs."""
     k = data.draw(st.integers(1, ffn))
     scores = tied_scores(ffn, ties, torch.Generator().manual_seed(data.draw(st.integers(0, 2**16))))
-    assert select(scores, k, capacity) == top_k_ascending(scores, k)
+    assert select(scores, k, capacity, chunk) == top_k_ascending(scores, k)
 
 
 @pytest.mark.parametrize("ffn, k", [(1, 1), (2, 1), (2, 2), (_CHUNK + 1, 1), (2 * _CHUNK + 37, 900),
@@ -79,6 +81,19 @@ def test_select_over_several_chunks_and_at_the_ends_of_k(ffn, k, ties):
     expected = top_k_ascending(scores, k)
     assert select(scores, k, 2048) == expected
     assert select(scores, k, 16) == expected  # the candidate buffer overflows whenever the boundary bin has > 16
+    assert select(scores, k, 2048, chunk=256) == expected  # up to 17 programs
+    assert select(scores, k, 16, chunk=256) == expected
+
+
+@pytest.mark.parametrize("ties, capacity", [("zeros", 4), ("few values", 4), ("few values", 256)])
+def test_select_with_the_boundary_bin_spread_over_many_chunks(ties, capacity):
+    """Equal keys of the boundary bin in every one of 12 chunks: the lowest indices among them are taken, each
+    chunk starting its slots after the kept keys of all earlier chunks; capacity 4 overflows (the search over the
+    scores), 256 holds the boundary bin (the search in registers)."""
+    ffn = 12 * 16 - 3
+    scores = tied_scores(ffn, ties, torch.Generator().manual_seed(7))
+    for k in [1, 60, ffn - 1]:
+        assert select(scores, k, capacity, chunk=16) == top_k_ascending(scores, k), k
 
 
 @pytest.mark.parametrize("capacity", [2, 2048])
@@ -90,6 +105,7 @@ def test_select_finds_a_tied_threshold_among_close_keys_of_one_bin(capacity):
     scores = torch.stack([one, up, down, up, one, down, up]).repeat(2)
     for k in range(1, scores.shape[0] + 1):
         assert select(scores, k, capacity) == top_k_ascending(scores, k), k
+        assert select(scores, k, capacity, chunk=4) == top_k_ascending(scores, k), k
 
 
 def test_consecutive_calls_of_other_sizes():
