@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import numbers
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,7 +20,7 @@ from torch import Tensor
 __all__ = [
     "CONFIG_FILE", "FORMAT_VERSION", "MODEL_FIELDS", "WEIGHTS_FILE",
     "BankConfig", "BankTensors", "RouterBankError",
-    "check_model_fields", "describe", "finite_problem", "is_density", "is_int", "is_number", "read_config", "read_tensors", "unit_kind",
+    "check_finite", "check_model_fields", "describe", "finite_problem", "is_density", "is_int", "is_number", "read_config", "read_tensors", "unit_kind",
 ]
 
 FORMAT_VERSION = 1
@@ -169,6 +169,11 @@ def read_config(path: Path, where: str) -> BankConfig:
     return BankConfig(dict(model), densities, provenance, mlp)
 
 
+def _int_key(key: str, default: int) -> int:
+    """A JSON object key of decimal digits as an int, else ``default``."""
+    return int(key) if key.isascii() and key.isdigit() else default
+
+
 def _read_densities(raw: Any, num_layers: int, where: str) -> dict[int, float]:
     if not isinstance(raw, dict):
         raise RouterBankError(
@@ -177,7 +182,7 @@ def _read_densities(raw: Any, num_layers: int, where: str) -> dict[int, float]:
         )
     densities = {}
     for key, value in raw.items():
-        layer = int(key) if key.isascii() and key.isdigit() else -1
+        layer = _int_key(key, -1)
         if str(layer) != key or not 0 <= layer < num_layers:
             raise RouterBankError(
                 f"{where}densities key {key!r} is not a layer index of the model: expected \"0\"..\"{num_layers - 1}\" "
@@ -209,7 +214,7 @@ def _read_mlp(raw: Any, num_layers: int, where: str) -> dict[str, Any]:
         )
     topk = {}
     for key, row in table.items():
-        size = int(key) if key.isascii() and key.isdigit() else 0
+        size = _int_key(key, 0)
         if str(size) != key or size < 1:
             raise RouterBankError(
                 f"{where}mlp.topk key {key!r} is not a batch size: expected a positive int without leading zeros, "
@@ -250,6 +255,14 @@ def read_tensors(path: Path, where: str) -> BankTensors:
             raise RouterBankError(f"{where}tensor {name!r} must have a floating dtype, got {tensor.dtype}")
         kinds[match[2]][int(match[1])] = tensor
     return BankTensors(*kinds.values())
+
+
+def check_finite(owner: str, tensors: Iterable[tuple[str, Tensor]]) -> None:
+    """Raise :class:`RouterBankError` naming ``owner`` and the tensor (``(name, tensor)`` pairs) holding NaN or inf."""
+    for name, tensor in tensors:
+        problem = finite_problem(tensor)
+        if problem:
+            raise RouterBankError(f"{owner} {name} has {problem}; router weights must be finite")
 
 
 def finite_problem(tensor: Tensor) -> str | None:

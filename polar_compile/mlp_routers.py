@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .bank_format import RouterBankError, describe, finite_problem, is_int
+from .bank_format import RouterBankError, check_finite, describe, is_int
 
 __all__ = ["MLP_BATCH_SIZES", "MLP_K_TILE", "MlpRouters", "mlp_width", "table_k"]
 
@@ -68,7 +68,7 @@ class MlpRouters:
     def check(self, num_layers: int, hidden_size: int) -> None:
         """Raise RouterBankError naming the layer / batch size, the expected and the actual: rank positive int;
         w_in/w_out keys are the same set of layer indices in range; shapes [rank, hidden] / [ffn, rank] with one
-        ffn for all layers; floating and finite (use bank_format.finite_problem); topk keys positive ints, each row a
+        ffn for all layers; floating and finite; topk keys positive ints, each row a
         tuple of length num_layers of None or int in [1, ffn]; a non-null k only for layers with routers."""
         if not is_int(self.rank) or self.rank < 1:
             raise RouterBankError(f"MLP router rank (mlp.rank) must be a positive int, got {describe(self.rank)}")
@@ -96,12 +96,7 @@ class MlpRouters:
                     f"layer {layer}: MLP router out.weight has shape {list(w_out.shape)}, expected "
                     f"[{ffn}, {self.rank}] (ffn x rank, with the ffn of layer {ffn_layer}'s out.weight)"
                 )
-            for kind, tensor in (("in.weight", w_in), ("out.weight", w_out)):
-                problem = finite_problem(tensor)
-                if problem:
-                    raise RouterBankError(
-                        f"layer {layer}: MLP router {kind} has {problem}; router weights must be finite"
-                    )
+            check_finite(f"layer {layer}: MLP router", (("in.weight", w_in), ("out.weight", w_out)))
         self._check_topk(num_layers, ffn)
 
     def _check_topk(self, num_layers: int, ffn: int) -> None:

@@ -23,9 +23,9 @@ from .bank_format import (
     MODEL_FIELDS,
     WEIGHTS_FILE,
     RouterBankError,
+    check_finite,
     check_model_fields,
     describe,
-    finite_problem,
     is_density,
     is_int,
     is_number,
@@ -166,12 +166,7 @@ class RouterBank:
                 raise RouterBankError(
                     f"layer {layer}: attention router bias has shape {list(bias.shape)}, expected [{units}]"
                 )
-            for kind, tensor in (("weight", weight), ("bias", bias)):
-                problem = finite_problem(tensor)
-                if problem:
-                    raise RouterBankError(
-                        f"layer {layer}: attention router {kind} has {problem}; router weights must be finite"
-                    )
+            check_finite(f"layer {layer}: attention router", (("weight", weight), ("bias", bias)))
         self.densities = self._checked_densities()
         if not isinstance(self.provenance, Mapping):
             raise RouterBankError(f"RouterBank.provenance must be a dict, got {describe(self.provenance)}")
