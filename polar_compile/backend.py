@@ -31,8 +31,10 @@ from torch import fx
 
 from . import ops  # noqa: F401  (registers the polar:: ops the rewritten graph calls)
 from .config import PolarConfig, PolarOptionError
+from .passes.constants import refreshing
 from .passes.manager import run_passes
 from .passes.match import find_attention_sites
+from .passes.mlp import TRANSPOSED_META
 from .passes.records import PassRecord
 from .passes.routing import is_mlp_router_marker, is_router_marker
 from .routers import RouterBank
@@ -70,8 +72,10 @@ def compile_graph(
                 warnings.warn(f"polar ({record.name} pass): {record.note}", stacklevel=2)
     if records is not None:
         records.append(graph_records)
+    # the MLP pass's transposed weight copies, brought up to date before each call if a weight changed in place
+    copies = gm.meta.get(TRANSPOSED_META, [])
     if not config.inductor:
-        return gm.forward
+        return refreshing(gm.forward, copies)
     from torch._inductor.compile_fx import compile_fx
 
     patches = torch._inductor.list_mode_options(mode) if mode else {}
@@ -79,7 +83,7 @@ def compile_graph(
     # costs ~0.3 s of TTIR analysis per kernel launch site (three per routed layer; polar compiled 1.5x slower
     # than dense, H200), to then launch the same kernels. torch.export sets this flag too, to keep the ops whole.
     with torch._functorch.config.patch(decompose_custom_triton_ops=False):
-        return compile_fx(gm, list(example_inputs), config_patches=patches)
+        return refreshing(compile_fx(gm, list(example_inputs), config_patches=patches), copies)
 
 
 def polar_backend(

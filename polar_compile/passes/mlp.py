@@ -10,8 +10,9 @@ options' bank) and a k for this step's batch size in the bank's table, the rewri
 
 so it computes exactly ``down[:, idx] · act(up[idx] x + b_up[idx]) + b_down``. The up weight is read in its
 ``[ffn, hidden]`` rows and the down weight through a transposed, contiguous copy ``[ffn, hidden]`` (taken from the
-model's tensor when the graph compiles, shared by all graphs of that weight; Conv1D layouts are already so and
-need no copy); the user's model is never changed. Sites stay dense, with the reason, for every activation but a
+model's tensor when the graph compiles, shared by all graphs of that weight, listed in ``gm.meta[TRANSPOSED_META]``
+so that the backend copies it again, in place, before a call that follows an in-place change of the weight; Conv1D
+layouts are already so and need no copy); the user's model is never changed. Sites stay dense, with the reason, for every activation but a
 bare ReLU, prefill, no router or no k (the table says dense at this batch size), k past the kernels' break-even
 (``PolarConfig.mlp_break_even``), an unsupported dtype, autograd recording, or weights the graph computes.
 """
@@ -35,7 +36,9 @@ from .match_mlp import MlpSite, find_mlp_sites
 from .records import PassRecord, SiteRecord
 from .routing import is_mlp_router_marker
 
-__all__ = ["MlpPass"]
+__all__ = ["TRANSPOSED_META", "MlpPass"]
+
+TRANSPOSED_META = "polar_transposed_weights"  # gm.meta key: the TransposedWeight copies the graph reads
 
 _SELECT_ATTENTION = torch.ops.polar.select_attention.default
 # ops of the MLP body the rewrite makes dead (the activation chain, the projections, their views)
@@ -200,7 +203,9 @@ class MlpPass:
                 "kernels, and this graph has none (run it through the polar backend, which passes them)"
             )
         name = "polar_mlp_" + (module_path(projection) or projection.name).replace(".", "_") + "_t"
-        return graph_constant(gm, name, transposed(real), like)
+        entry = transposed(real, like)
+        gm.meta.setdefault(TRANSPOSED_META, []).append(entry)  # the backend refreshes it before every call
+        return graph_constant(gm, name, entry.copy, like)
 
     def _bias(self, gm: fx.GraphModule, projection: fx.Node, width: int, like: Tensor) -> fx.Node:
         name = op_name(projection)

@@ -149,3 +149,21 @@ def test_k_past_the_break_even_stays_dense_with_the_reason(monkeypatch):
         (1, False, "k=32 of 64 neurons at batch size 2 is past the gather kernels' break-even density 0.4: dense is "
                    "faster")]
     assert seen == [("cpu", 2, 3 * 32 * 64 * 4)] * 2
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2"])  # the transposed copy: OPT's down weight, GPT-2's up weight
+def test_weights_changed_in_place_after_compiling_are_read_by_the_next_call(family):
+    model = relu_model(family, relu=True)
+    bank = mlp_bank(model, first_layer=0, topk={2: 0.5})
+    step = compiled(model, {"routers": bank})
+    driver = driver_for(model, 2)
+    torch.testing.assert_close(polar_logits(step, driver), reference(model, family, bank.mlp, driver)[0],
+                               rtol=1e-4, atol=1e-4)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # what load_state_dict or an optimizer step does: the same tensors, new values
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * parameter.std())
+    expected, gap = reference(model, family, bank.mlp, driver)
+    assert gap > 1e-6
+    torch.testing.assert_close(polar_logits(step, driver), expected, rtol=1e-4, atol=1e-4)
