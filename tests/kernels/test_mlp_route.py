@@ -131,7 +131,7 @@ def test_route_selects_exactly_on_its_own_scores(ties):
 
 
 @settings(max_examples=examples(10), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rows=st.integers(1, 20), hidden=st.sampled_from([16, 48]), rank=st.sampled_from([16, 80]),
+@given(rows=st.sampled_from([1, 3, 20, 70]), hidden=st.sampled_from([16, 48, 200]), rank=st.sampled_from([16, 80]),
        ffn=st.integers(1, 150), dtype=st.sampled_from(DTYPES), data=st.data())
 def test_scores_and_route_match_float64(rows, hidden, rank, ffn, dtype, data):
     generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
