@@ -6,6 +6,7 @@ rewrite; sites come from ``passes/match.py``) -> ``ops.py`` (``polar::select_att
 ``state.py`` (``attach``) or given in the options.
 """
 
+from . import export
 from .backend import make_backend
 from .calibrate import calibrate
 from .config import PolarConfig, PolarOptionError
@@ -30,4 +31,6 @@ __all__ = [
     # inspect
     "ExplainReport",
     "explain",
+    # deploy
+    "export",
 ]

@@ -1,4 +1,5 @@
-"""``explain``: which attention sites the polar backend finds in a model's graphs, and what it does to each."""
+"""``explain``: which attention sites the polar backend finds in a model's graphs (or an exported program), and what
+it does to each."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.export import ExportedProgram
 
 from .backend import compile_graph
 from .config import PolarConfig
@@ -60,14 +62,22 @@ class ExplainReport:
         return "\n".join(lines)
 
 
-def explain(model: nn.Module | Callable[..., Any], *example_args: Any, options: dict[str, Any] | None = None,
-            **example_kwargs: Any) -> ExplainReport:
+def explain(model: nn.Module | Callable[..., Any] | ExportedProgram, *example_args: Any,
+            options: dict[str, Any] | None = None, **example_kwargs: Any) -> ExplainReport:
     """Run ``model(*example_args, **example_kwargs)`` once under ``torch.compile`` and report every site found.
 
     ``options`` are the backend's (routers, density, passes); without routers the ones attached to the model
     (:func:`polar_compile.attach`) are used. The rewritten graphs run eagerly (no Inductor), so the call is cheap,
     but it is a real forward: a ``StaticCache`` among the arguments advances by one step.
+
+    Given an ``ExportedProgram`` (:func:`polar_compile.export`'s, or ``torch.export.load``-ed), runs nothing and
+    reports the sites the program holds: one graph with the attention and MLP sites it routes and the attention
+    sites it keeps dense.
     """
+    if isinstance(model, ExportedProgram):
+        from .export.sites import program_records
+
+        return ExplainReport([program_records(model)])
     config = PolarConfig.from_options({**(options or {}), "inductor": False})
     if config.routers is not None and isinstance(model, nn.Module):
         config.routers.check_model(model)  # what attach() checks, before any graph

@@ -19,6 +19,7 @@ bare ReLU, prefill, no router or no k (the table says dense at this batch size),
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,8 +183,8 @@ class MlpPass:
         if node.op == "placeholder":
             real = self.inputs.get(node)
             return node, real if isinstance(real, Tensor) else None, name == "linear"
-        if node.op == "get_attr":
-            return node, getattr(gm, str(node.target)), name == "linear"
+        if node.op == "get_attr":  # a dotted path in export graphs ("model.layers.1.mlp.down_proj.weight")
+            return node, operator.attrgetter(str(node.target))(gm), name == "linear"
         return None
 
     def _rows_of(self, gm: fx.GraphModule, projection: fx.Node, like: Tensor) -> fx.Node:
