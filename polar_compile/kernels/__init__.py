@@ -19,11 +19,6 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def tl_dtype(dtype: torch.dtype) -> tl.dtype:
-    """The Triton dtype of a torch floating dtype (fp16, bf16, fp32)."""
-    return _TL_DTYPES[dtype]
-
-
 def dot_types(dtype: torch.dtype, device: torch.device) -> tuple[tl.dtype, str]:
     """(operand dtype, input_precision) of ``tl.dot`` for inputs of ``dtype`` on ``device``.
 

@@ -1,10 +1,8 @@
-"""The MLP router in four Triton launches. ``sum_rows relu(low @ w_out^T)`` over the neurons, then the k
+"""The MLP router: cuBLAS, then three Triton launches. ``sum_rows relu(low @ w_out^T)`` over the neurons, then the k
 best neurons in ascending index order, exact (as ``ops.mlp_route_reference``: ties to the lower index, NaN lowest,
 -0.0 == +0.0).
 
-``low = x @ w_in^T`` ([N, rank]) is launch 0 (``_low_kernel``), split over the hidden dim into fp32 partial sums
-that launch A adds and rounds to x's dtype (as the reference; cuBLAS took 7-10 µs here on the H200 for these
-thin GEMMs). Scores are sums of ReLUs (>= 0, or NaN), so as int
+``low = x @ w_in^T`` ([N, rank], in x's dtype) comes from cuBLAS. Scores are sums of ReLUs (>= 0, or NaN), so as int
 keys ``bits(score) + 1`` (NaN -> 0, -0.0 -> +0.0) they order as the floats do. ``_bin`` maps keys to NUM_BINS
 histogram bins, monotone (64 bins per binade over [2**-32, 2**32), clamped outside).
 
@@ -16,15 +14,15 @@ B. ``_boundary_kernel``, one program per CHUNK keys: from the histogram (each pr
    = #{keys in bins > b*}, and its keys of bin b* with their indices appended to a candidate buffer of CAPACITY at
    slots from one atomic counter (in no particular order; past CAPACITY only counted).
 C. ``_write_kernel``, one program per CHUNK keys, each alone: T = the k-th largest key, by a binary search between
-   the smallest and the largest candidate (counting in registers; when the buffer overflowed, the same search over
-   every key of bin b* read chunk by chunk: slow, exact, rare — a bin crowded by equal scores, e.g. dead neurons
-   all exactly 0, has min == max and needs no step). Keys > T are all kept, keys == T the ``need`` lowest indices.
+   the smallest and the largest candidate (counting in registers, over SMALL or CAPACITY slots; when the buffer
+   overflowed, the same search over every key of bin b* read chunk by chunk: slow, exact, rare — a bin crowded by
+   equal scores, e.g. dead neurons all exactly 0, has min == max and needs no step). Keys > T are all kept, keys == T the ``need`` lowest indices.
    Each kept key goes to slot #{kept keys before it} = #{keys > T before it} + min(need, #{keys == T before it}):
    before the chunk from ``counts`` and the candidates, within it from one prefix sum. So ``idx`` is in ascending
    index order and each of its k slots is written exactly once, whatever the scores.
 
-Why three launches for the selection: a single launch whose last-arriving program selected alone, serially,
-measured 27 µs (ffn 16384) to 50 µs (36864) on the H200, as long as the sparse MLP it steers. Launch boundaries order
+Why three launches: a single launch whose last-arriving program selected alone, serially, measured 27 µs (ffn
+16384) to 50 µs (36864) for the selection on the H200, as long as the sparse MLP it steers. Launch boundaries order
 every memory access between the steps: no arrival counter or fences.
 
 The histogram and the candidate counter live in a zeroed workspace allocated per call (``_workspace``: one memset);
@@ -39,22 +37,20 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from . import dot_types, num_sms, tl_dtype
+from . import dot_types
 
 __all__ = ["MAX_SELECT_NEURONS", "mlp_route_triton", "top_k_ascending_triton"]
 
 MAX_SELECT_NEURONS = 65536  # wider layers take the op's reference path: the widths tested and timed (no hard limit)
 _BLOCK_F = 64  # neurons per program of launch A
-_BLOCK_R = 64  # rank columns per loop step of launch A
-_BLOCK_RL = 32  # rank columns per program of launch 0
-_BLOCK_H = 64  # hidden columns per loop step of launch 0
+_BLOCK_R = 64  # rank columns per loop step
 _NUM_BINS = 4096  # histogram bins: 64 per binade (key >> 17) over 64 binades from 2**-32 (key 95 << 23)
 _BIN_SHIFT = 17
 _BIN_OFFSET = 95 << 6
 _CHUNK = 1024  # keys per program of launches B and C; < 2**15: two counts share an int32 prefix sum
 _NUM_WARPS = 4
 _CAPACITY = 4096  # candidates of the boundary bin, searched in registers by every program of launch C
-_SMALL = 256  # ... over a vector this wide when they fit: a reduction per search step over CAPACITY is the cost
+_SMALL = 256  # ... over a vector this wide when they fit (a reduction per search step over CAPACITY costs)
 
 
 @triton.jit
@@ -85,44 +81,14 @@ def _add_to_histogram(HIST, key, ok, BLOCK: tl.constexpr,
 
 
 @triton.jit
-def _low_kernel(
-    X, W_IN, PARTIAL, rows, hidden, rank, per_split,
-    stride_xn, stride_xh, stride_wr, stride_wh,
-    BLOCK_N: tl.constexpr, BLOCK_RL: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    # Launch 0, split over hidden. X: [N, hidden]   W_IN: [rank, hidden]   PARTIAL: [splits, N, rank] fp32
-    offs_r = tl.program_id(0) * BLOCK_RL + tl.arange(0, BLOCK_RL)
-    r_ok = offs_r < rank
-    split = tl.program_id(1)
-    h_start = split * per_split
-    h_end = tl.minimum(h_start + per_split, hidden)
-    for n0 in range(0, rows, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < rows
-        acc = tl.zeros([BLOCK_N, BLOCK_RL], dtype=tl.float32)
-        for h0 in range(h_start, h_end, BLOCK_H):
-            h = h0 + tl.arange(0, BLOCK_H)
-            h_ok = h < h_end
-            x = tl.load(X + offs_n[:, None] * stride_xn + h[None, :] * stride_xh,
-                        mask=n_ok[:, None] & h_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_H]
-            w = tl.load(W_IN + offs_r[:, None] * stride_wr + h[None, :] * stride_wh,
-                        mask=r_ok[:, None] & h_ok[None, :], other=0.0)  # [BLOCK_RL, BLOCK_H]
-            acc = tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=DOT_PRECISION)
-        tl.store(PARTIAL + (split * rows + offs_n[:, None]) * rank + offs_r[None, :], acc,
-                 mask=n_ok[:, None] & r_ok[None, :])
-
-
-@triton.jit
 def _scores_kernel(
-    PARTIAL, W_OUT, SCORES, HIST, rows, ffn, rank, splits,
-    stride_wf, stride_wr,
+    LOW, W_OUT, SCORES, HIST, rows, ffn, rank,
+    stride_ln, stride_lr, stride_wf, stride_wr,
     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_R: tl.constexpr,
-    X_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     NUM_BINS: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_OFFSET: tl.constexpr,
 ):
-    # Launch A. PARTIAL: [splits, N, rank] fp32 (launch 0)   W_OUT: [ffn, rank]   SCORES: [ffn] fp32
-    # HIST: [NUM_BINS] int32, zero on entry
+    # Launch A. LOW: [N, rank]   W_OUT: [ffn, rank]   SCORES: [ffn] fp32   HIST: [NUM_BINS] int32, zero on entry
     offs_f = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = offs_f < ffn
     offs_r = tl.arange(0, BLOCK_R)
@@ -134,11 +100,8 @@ def _scores_kernel(
         for r0 in range(0, rank, BLOCK_R):
             r = r0 + offs_r
             r_ok = r < rank
-            low = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
-            for split in range(0, splits):
-                low += tl.load(PARTIAL + (split * rows + offs_n[:, None]) * rank + r[None, :],
-                               mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-            low = low.to(X_DTYPE)  # [BLOCK_N, BLOCK_R]: the rank-r activation in x's dtype, as the reference
+            low = tl.load(LOW + offs_n[:, None] * stride_ln + r[None, :] * stride_lr,
+                          mask=n_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_R]
             w = tl.load(W_OUT + offs_f[:, None] * stride_wf + r[None, :] * stride_wr,
                         mask=f_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_F, BLOCK_R]
             acc = tl.dot(low.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=DOT_PRECISION)
@@ -317,40 +280,24 @@ def top_k_ascending_triton(scores: Tensor, k: int, *, out: Tensor | None = None,
     return idx
 
 
-def _low_splits(hidden: int, rank: int, device: torch.device) -> int:
-    """Splits of the hidden dim for launch 0: enough programs to fill the GPU twice over, each >= BLOCK_H wide."""
-    programs_per_split = triton.cdiv(rank, _BLOCK_RL)
-    wanted = triton.cdiv(2 * num_sms(device), programs_per_split)
-    return max(1, min(wanted, triton.cdiv(hidden, _BLOCK_H)))
-
-
 def mlp_route_triton(x: Tensor, w_in: Tensor, w_out: Tensor, k: int, *, scores: Tensor | None = None) -> Tensor:
-    """``polar::mlp_route`` on CUDA (fp16/bf16): launches 0 (``x @ w_in^T``), A, B, C. ``scores`` (fp32 [ffn]),
-    when given, receives the neurons' scores (tests)."""
-    rows = x.reshape(-1, x.shape[-1])  # [N, hidden]
-    (n, hidden), (ffn, rank) = rows.shape, w_out.shape
+    """``polar::mlp_route`` on CUDA (fp16/bf16): cuBLAS for ``x @ w_in^T``, then launches A, B, C. ``scores``
+    (fp32 [ffn]), when given, receives the neurons' scores (tests)."""
+    rows = x.reshape(-1, x.shape[-1])
+    low = torch.nn.functional.linear(rows, w_in)  # [N, rank] in x's dtype
+    ffn, rank = w_out.shape
     assert ffn <= MAX_SELECT_NEURONS and 1 <= k <= ffn
     if scores is None:
         scores = torch.empty(ffn, dtype=torch.float32, device=x.device)
     idx = torch.empty(k, dtype=torch.int64, device=x.device)
     workspace = _workspace(x.device)
     dot_dtype, dot_precision = dot_types(x.dtype, x.device)
-    block_n = min(64, max(16, triton.next_power_of_2(n)))
-    splits = _low_splits(hidden, rank, x.device)
-    per_split = triton.cdiv(triton.cdiv(hidden, splits), _BLOCK_H) * _BLOCK_H
-    splits = triton.cdiv(hidden, per_split)
-    partial = torch.empty(splits, n, rank, dtype=torch.float32, device=x.device)
-    wrap_triton(_low_kernel)[(triton.cdiv(rank, _BLOCK_RL), splits)](
-        rows, w_in, partial, n, hidden, rank, per_split,
-        rows.stride(0), rows.stride(1), w_in.stride(0), w_in.stride(1),
-        BLOCK_N=block_n, BLOCK_RL=_BLOCK_RL, BLOCK_H=_BLOCK_H, DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision,
-        num_warps=_NUM_WARPS,
-    )
+    block_n = min(64, max(16, triton.next_power_of_2(low.shape[0])))
     wrap_triton(_scores_kernel)[(triton.cdiv(ffn, _BLOCK_F),)](
-        partial, w_out, scores, workspace, n, ffn, rank, splits, w_out.stride(0), w_out.stride(1),
-        BLOCK_N=block_n, BLOCK_F=_BLOCK_F, BLOCK_R=_BLOCK_R, X_DTYPE=tl_dtype(x.dtype), DOT_DTYPE=dot_dtype,
-        DOT_PRECISION=dot_precision, NUM_BINS=_NUM_BINS, BIN_SHIFT=_BIN_SHIFT, BIN_OFFSET=_BIN_OFFSET,
-        num_warps=_NUM_WARPS,
+        low, w_out, scores, workspace, low.shape[0], ffn, rank,
+        low.stride(0), low.stride(1), w_out.stride(0), w_out.stride(1),
+        BLOCK_N=block_n, BLOCK_F=_BLOCK_F, BLOCK_R=_BLOCK_R, DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision,
+        NUM_BINS=_NUM_BINS, BIN_SHIFT=_BIN_SHIFT, BIN_OFFSET=_BIN_OFFSET, num_warps=_NUM_WARPS,
     )
     _select(scores, workspace, idx, k, _CHUNK, _CAPACITY)
     return idx
