@@ -42,12 +42,12 @@ class PolarConfig:
     CUDA_MIN_SAVED_MIB: ClassVar[float] = 32.0
     # Neuron density past which a routed sparse MLP (router + gather-GEMMs) is slower than the dense one on CUDA:
     # (largest MLP weight bytes, ((largest batch size, density), ...)). Measured on an H200 in bf16 with the
-    # router of af57df7 (benchmarks/mlp-runs/run03-routed.md: OPT-6.7B's 256 MiB MLP and OPT-66B's 1.27 GiB at
-    # B = 1, 16, 64); B = 32 interpolated, B > 64 extrapolated. The router's fixed ~36-70 µs weighs most on small
+    # router of 32fd67d (benchmarks/mlp-runs/run04-routed.md: OPT-6.7B's 256 MiB MLP and OPT-66B's 1.27 GiB at
+    # B = 1, 16, 32, 64, 128), a little below each crossing. The router's fixed ~27-42 µs weighs most on small
     # MLPs. A sparse MLP layer whose k is past it stays dense.
     CUDA_MLP_BREAK_EVEN: ClassVar[tuple[tuple[int, tuple[tuple[int, float], ...]], ...]] = (
-        (2**30, ((16, 0.3), (32, 0.25), (64, 0.15), (2**62, 0.1))),
-        (2**62, ((16, 0.6), (32, 0.55), (64, 0.45), (2**62, 0.35))),
+        (2**30, ((16, 0.4), (32, 0.35), (64, 0.25), (2**62, 0.2))),
+        (2**62, ((16, 0.7), (32, 0.65), (64, 0.5), (2**62, 0.35))),
     )
 
     routers: RouterBank | None = None
