@@ -1,13 +1,23 @@
-"""ONNX export: each polar op's translation, run in onnxruntime, against the op's reference; no custom domain."""
+"""ONNX export: each polar op's translation, run in onnxruntime, against the op's reference; the exported decode
+step and prefill, run in onnxruntime with the cache carried out -> in, against the eager polar decode step; no
+custom domain."""
 
 from __future__ import annotations
+
+import json
+import sys
 
 import onnx
 import pytest
 import torch
 from torch import Tensor, nn
 
+import polar_compile
+from polar_compile.export.decode_step import CacheStep, ExportError, new_cache
+from polar_compile.export.onnx import PROGRAMS, check_standard_onnx, input_names, output_names
 from polar_compile.export.onnx_ops import TRANSLATIONS
+from polar_compile.testing import random_routers
+from tests.models import VOCAB, TinySpec, tiny_model
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -162,3 +172,87 @@ def test_router_markers_are_copies():
     hidden, weight, bias = torch.randn(2, 1, 8), torch.randn(4, 8), torch.randn(4)
     model = export(Op(torch.ops.polar.layer_router.default, 1, 2, -1), (hidden, weight, bias))
     torch.testing.assert_close(run(model, (hidden, weight, bias))[0], hidden)
+
+
+# --- the exported steps -------------------------------------------------------------------------------------------
+
+BATCH, CACHE_LEN, PROMPT, STEPS = 3, 10, 4, 3
+PAD = (0, 2, 3)  # left padding per row
+
+
+def _session(path) -> ort.InferenceSession:
+    model = onnx.load(str(path))
+    check_standard_onnx(model)  # raises on a custom-domain node or local function
+    assert {opset.domain for opset in model.opset_import} <= {"", "ai.onnx"}
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize(("family", "spec", "mlp"), [
+    ("llama", TinySpec("llama", heads=4, kv_heads=2, head_dim=8, layers=3), False),  # GQA
+    ("opt", TinySpec("opt", heads=4, kv_heads=4, head_dim=8, layers=3, bias=True), True),  # ReLU MLP routed
+    ("qwen2", TinySpec("qwen2", heads=4, kv_heads=2, head_dim=8, layers=3, bias=True), False),  # q/k/v biases
+])
+def test_onnx_steps_match_the_eager_polar_step(family, spec, mlp, tmp_path):
+    model = tiny_model(spec, seed=7)
+    mlp_routers = {"mlp_rank": 8, "mlp_topk": {BATCH: 0.5}} if mlp else {}
+    bank = random_routers(model, seed=7, **mlp_routers)
+    polar_compile.export(model, batch_size=BATCH, max_cache_len=CACHE_LEN, prefill_len=PROMPT, path=tmp_path,
+                         format="onnx", routers=bank, density=0.5)
+    manifest = json.loads((tmp_path / "polar_export.json").read_text())
+    assert manifest["cache_mode"] == "io" and manifest["programs"] == PROGRAMS
+    assert [line for line in manifest["sites"] if "select_attention" in line or "rewritten" in line]
+    decode, prefill = (_session(tmp_path / PROGRAMS[name]) for name in ("decode", "prefill"))
+    assert [i.name for i in decode.get_inputs()] == input_names(spec.layers)
+    assert [o.name for o in decode.get_outputs()] == output_names(spec.layers)
+    ops = [node.op_type for node in onnx.load(str(tmp_path / PROGRAMS["decode"])).graph.node]
+    assert ops.count("TopK") == (6 if mlp else 2)  # layers 1, 2 route heads (and neurons: select, then sort)
+    assert ops.count("Gemm") >= (4 if mlp else 0)  # the gather-GEMMs
+
+    # the eager polar decode step: CacheStep through the polar backend (reference ops), the cache in place
+    step = torch.compile(CacheStep(model), backend=polar_compile.make_backend(bank, 0.5, inductor=False),
+                         fullgraph=True)
+    generator = torch.Generator().manual_seed(7)
+    mask = torch.ones(BATCH, CACHE_LEN, dtype=torch.long)
+    for row, pad in enumerate(PAD):
+        mask[row, :pad] = 0
+    ids = torch.randint(1, VOCAB, (BATCH, PROMPT), generator=generator)
+    positions = (mask[:, :PROMPT].cumsum(-1) - 1).clamp(min=0)
+    cache = new_cache(model, BATCH, CACHE_LEN)
+    names = input_names(spec.layers)
+
+    def feed(*args):
+        return dict(zip(names, (a.numpy() for a in args), strict=True))
+
+    with torch.no_grad():
+        expected = CacheStep(model)(ids, positions, mask, torch.arange(PROMPT), *cache)  # dense prefill
+    logits, *ort_cache = prefill.run(None, feed(ids, positions, mask, torch.arange(PROMPT), *cache))
+    torch.testing.assert_close(torch.from_numpy(logits), expected, atol=1e-4, rtol=1e-4)
+    for slot in range(PROMPT, PROMPT + STEPS):
+        ids = torch.randint(1, VOCAB, (BATCH, 1), generator=generator)
+        positions = mask[:, : slot + 1].sum(-1, keepdim=True) - 1
+        args = (ids, positions, mask, torch.tensor([slot]))
+        with torch.no_grad():
+            expected = step(*args, *cache)
+        logits, *ort_cache = decode.run(None, feed(*args, *(torch.from_numpy(c) for c in ort_cache)))
+        torch.testing.assert_close(torch.from_numpy(logits), expected, atol=1e-4, rtol=1e-4)
+    written = mask[:, None, : PROMPT + STEPS, None].bool()  # slots holding real tokens (padding's K/V is unused)
+    for actual, reference in zip(ort_cache, cache, strict=True):
+        actual = torch.from_numpy(actual)[:, :, : PROMPT + STEPS]
+        torch.testing.assert_close(actual * written, reference[:, :, : PROMPT + STEPS] * written, atol=1e-4,
+                                   rtol=1e-4)
+
+
+def test_custom_domain_node_is_an_error():
+    node = onnx.helper.make_node("select_attention", ["q"], ["out"], domain="polar")
+    graph = onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info("q", onnx.TensorProto.FLOAT, [1])],
+                                   [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [1])])
+    with pytest.raises(ExportError, match=r"outside the standard domain.*polar::select_attention"):
+        check_standard_onnx(onnx.helper.make_model(graph), "decode")
+
+
+def test_missing_onnxscript_is_a_clear_error(monkeypatch, tmp_path):
+    model = tiny_model(TinySpec("llama", heads=4, kv_heads=2, head_dim=8, layers=2))
+    monkeypatch.setitem(sys.modules, "polar_compile.export.onnx_ops", None)  # as if onnxscript were missing
+    with pytest.raises(ExportError, match=r"pip install 'polar-compile\[onnx\]'"):
+        polar_compile.export(model, batch_size=1, max_cache_len=4, path=tmp_path, format="onnx",
+                             routers=random_routers(model), density=0.5)
