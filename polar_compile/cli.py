@@ -1,13 +1,14 @@
-"""The ``polar-compile`` command: a subcommand per job (``calibrate``, ``eval``, ``plot``, ``bench``), each small.
+"""The ``polar-compile`` command: a subcommand per job (``calibrate``, ``eval``, ``plot``, ``bench``, ``export``), each
+small.
 
 Add a subcommand by writing ``_add_<name>(subparsers)`` that registers its arguments and sets ``func``.
 
 Errors: a user's mistake (an option value, a model path, a router bank or data that does not fit) is one line on
 stderr, ``polar-compile <command>: error: <message>``, and exit status 2. Option values are checked while parsing
 (argparse ``type`` functions); a model path or tokenizer that does not load becomes :class:`UsageError` where it is
-loaded, and :class:`~polar_compile.routers.RouterBankError`, :class:`~polar_compile.data.DataError` and
-:class:`~polar_compile.instrument.InstrumentError` (a model with no attention to route), raised for such inputs only,
-are reported wherever they arise. Every other exception is a bug and keeps its traceback.
+loaded, and :class:`~polar_compile.routers.RouterBankError`, :class:`~polar_compile.data.DataError`,
+:class:`~polar_compile.instrument.InstrumentError` (a model with no attention to route) and
+:class:`~polar_compile.export.ExportError`, raised for such inputs only, are reported wherever they arise. Every other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .data import DataError
+from .export.decode_step import ExportError
 from .instrument import InstrumentError
 from .routers import RouterBankError, check_density
 
@@ -33,7 +35,7 @@ class UsageError(Exception):
 
 
 # Exceptions that mean "the user's input is wrong", wherever they are raised; nothing else is caught.
-USER_ERRORS = (UsageError, RouterBankError, DataError, InstrumentError)
+USER_ERRORS = (UsageError, RouterBankError, DataError, InstrumentError, ExportError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``polar-compile`` console script; returns the exit status (2: a user's mistake)."""
     parser = _Parser(prog="polar-compile", description=plain_text(__doc__.splitlines()[0]))
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_calibrate, _add_eval, _add_plot, _add_bench):
+    for add in (_add_calibrate, _add_eval, _add_plot, _add_bench, _add_export):
         add(subparsers)
     args = parser.parse_args(argv)
     try:
@@ -422,6 +424,52 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     bench.run_benchmark(cases, repeats=args.repeats, out=args.out, max_layers=args.layers, variants=args.variants,
                         attn_density=args.attn_density)
+    return 0
+
+
+def _add_export(subparsers: Any) -> None:
+    from .export import FORMATS
+
+    parser = subparsers.add_parser(
+        "export", help="export the polar decode step and a dense prefill for deployment (pt2, aoti, onnx, tensorrt)",
+        description="Export the model's decode step, rewritten by the polar passes with --routers, and its dense "
+        "prefill, at a static batch size and cache length, into the folder --out (polar_export.json + the two "
+        "programs). pt2 and aoti run with polar_compile.export.load; onnx with onnxruntime; tensorrt is untested.")
+    parser.add_argument("--model", required=True, help="model folder or Hugging Face hub id")
+    parser.add_argument("--routers", default=None, help="router bank folder (from polar-compile calibrate)")
+    parser.add_argument("--format", default="pt2", choices=FORMATS, help="artifact format (default pt2)")
+    parser.add_argument("--out", required=True, type=_checked(_output_folder),
+                        help="folder for the artifact (created if missing)")
+    parser.add_argument("--batch-size", required=True, type=_at_least(1, "--batch-size"),
+                        help="sequences per step (static)")
+    parser.add_argument("--max-cache-len", required=True, type=_at_least(2, "--max-cache-len"),
+                        help="KV cache length in tokens (static)")
+    parser.add_argument("--prefill-len", type=_at_least(1, "--prefill-len"), default=None,
+                        help="prompt length of the prefill program (default: half the cache)")
+    parser.add_argument("--density", type=_checked(_density), default=None,
+                        help="fraction of units kept, in (0, 1] (default: the bank's per-layer densities)")
+    parser.add_argument("--no-mlp", action="store_true", help="keep every MLP dense")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="weights' dtype (default float32)")
+    parser.add_argument("--device", default="cpu", type=_checked(_device),
+                        help="torch device the programs run on, e.g. cpu or cuda")
+    parser.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export
+    from .export.artifact import MANIFEST
+    from .routers import RouterBank
+
+    bank = RouterBank.load(args.routers) if args.routers else None  # before the model: a bad path fails at once
+    model, _ = _load_model(args.model, args.dtype, args.device)
+    start = time.perf_counter()
+    out = export(model, routers=bank, batch_size=args.batch_size, max_cache_len=args.max_cache_len,
+                 prefill_len=args.prefill_len, format=args.format, path=args.out, density=args.density,
+                 mlp=not args.no_mlp)
+    manifest = json.loads((out / MANIFEST).read_text())
+    print("\n".join(manifest["sites"]))
+    print(f"exported {args.format} to {out} ({time.perf_counter() - start:.1f} s)")
     return 0
 
 
