@@ -168,6 +168,44 @@ def test_gather_gemms(k):
             torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_half_precision():
+    """fp16 through every op (bf16 has no onnxruntime CPU kernels for MatMul/Gemm: not tested here)."""
+    g = torch.Generator().manual_seed(16)
+
+    class Step(nn.Module):
+        def forward(self, q, key, value, mask, x, w, b, w_in, w_out, w_up, b_up, w_t, b_down):
+            units = torch.ops.polar.route(x, w, b, 2).reshape(q.shape[0], 2)
+            rows = x.reshape(-1, x.shape[-1])
+            idx = torch.ops.polar.mlp_route(x, w_in, w_out, 5)
+            h = torch.ops.polar.gather_gated_up(rows, w_up, b_up, w_up, b_up, idx)
+            return (torch.ops.polar.select_attention(q, key, value, units, mask, 0.35), units, idx,
+                    torch.ops.polar.gather_down(h, w_t, b_down, idx))
+
+    def draw():
+        q = torch.randn(2, 8, 1, 8, generator=g)
+        key, value = (torch.randn(2, 4, 6, 8, generator=g) for _ in range(2))
+        mask = torch.zeros(2, 1, 1, 6)
+        mask[1, ..., :2] = float("-inf")
+        x, w, b = torch.randn(2, 1, 16, generator=g), torch.randn(4, 16, generator=g), torch.randn(4, generator=g)
+        w_in, w_out = torch.randn(6, 16, generator=g), torch.randn(24, 6, generator=g)
+        w_up, b_up = torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
+        w_t, b_down = torch.randn(24, 16, generator=g), torch.randn(16, generator=g)
+        return tuple(t.half() for t in (q, key, value, mask, x, w, b, w_in, w_out, w_up, b_up, w_t, b_down))
+
+    model = export(Step(), draw())
+    for _ in range(DRAWS):
+        args = draw()
+        attention, units, idx, down = run(model, args)
+        expected = Step()(*args)
+        assert torch.equal(units, expected[1]) and torch.equal(idx, expected[2])
+        torch.testing.assert_close(attention, expected[0], atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(down, expected[3], atol=2e-2, rtol=2e-3)
+
+
+def test_every_polar_op_has_a_translation():
+    assert {f"polar::{name}" for name in torch.ops.polar._dir} == {op.name() for op in TRANSLATIONS}
+
+
 def test_router_markers_are_copies():
     hidden, weight, bias = torch.randn(2, 1, 8), torch.randn(4, 8), torch.randn(4)
     model = export(Op(torch.ops.polar.layer_router.default, 1, 2, -1), (hidden, weight, bias))
