@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from . import ops  # noqa: F401  (registers polar::layer_router)
 from .config import PolarConfig
+from .distributed import model_shard
 from .mlp_routers import table_k
 from .routers import ModelShape, RouterBank, RouterBankError, kept_units
 
@@ -62,7 +63,12 @@ def attach(model: nn.Module, routers: RouterBank | str | Path | None, *,
     config = PolarConfig(routers=bank, density=density, min_saved_mib=min_saved_mib)
     min_saved_bytes = -1 if min_saved_mib is None else round(min_saved_mib * 2**20)
     mlp = bank.mlp
-    for index, layer in enumerate(decoder_layers(model, bank.shape)):
+    layers = decoder_layers(model, bank.shape)
+    shard = model_shard(layers)  # tensor parallel: each rank routes its own units (distributed.py)
+    units = bank.shape.num_kv_heads
+    if shard is not None:
+        units = shard.local_units(units, f"{type(model).__name__}, tensor-parallel rank {shard.rank} of {shard.size}")
+    for index, layer in enumerate(layers):
         routed_mlp = mlp is not None and index in mlp.w_in
         if index not in bank.weights and not routed_mlp:
             _remove(layer)
@@ -70,9 +76,12 @@ def attach(model: nn.Module, routers: RouterBank | str | Path | None, *,
         like = next((p for p in layer.parameters() if p.is_floating_point()), None)
         setattr(layer, LAYER, index)
         if index in bank.weights:
-            _set_buffer(layer, WEIGHT, bank.weights[index], like)
-            _set_buffer(layer, BIAS, bank.biases[index], like)
-            setattr(layer, K, kept_units(config.layer_density(index), bank.shape.num_kv_heads))
+            weight, bias = bank.weights[index], bank.biases[index]
+            if shard is not None:
+                weight, bias = shard.rows(weight, f"layer {index}"), shard.rows(bias, f"layer {index}")
+            _set_buffer(layer, WEIGHT, weight, like)
+            _set_buffer(layer, BIAS, bias, like)
+            setattr(layer, K, kept_units(config.layer_density(index), units))
             setattr(layer, MIN_SAVED, min_saved_bytes)
         else:
             _clear(layer, (WEIGHT, BIAS), (K, MIN_SAVED))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -78,6 +79,8 @@ _METHOD_NAMES: dict[str, str] = {
     "copy_": "write",
     "index_put_": "write",
     "__setitem__": "write",
+    "to_local": "dtensor",  # tensor parallelism's DTensor wrapping: same values, another layout
+    "redistribute": "dtensor",
 }
 _TARGET_TO_NAME: dict[Any, str] = {t: name for name, ts in _FUNCTION_TARGETS.items() for t in ts}
 
@@ -108,10 +111,18 @@ def op_name(node: fx.Node) -> str | None:
         return _METHOD_NAMES.get(str(node.target))
     if node.op == "call_function":
         try:
-            return _TARGET_TO_NAME.get(node.target)
+            name = _TARGET_TO_NAME.get(node.target)
         except TypeError:  # unhashable target
             return None
+        return "dtensor" if name is None and _is_from_local(node.target) else name
     return None
+
+
+def _is_from_local(target: Any) -> bool:
+    """``DTensor.from_local`` (tensor parallelism's wrapping of a local tensor, same values), looked up only where
+    ``torch.distributed.tensor`` is imported: a graph without DTensors cannot call it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and target is module.DTensor.from_local
 
 
 def bound_args(node: fx.Node, name: str) -> dict[str, Any]:

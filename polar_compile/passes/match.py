@@ -253,7 +253,7 @@ def _reads_a_cache(cache: fx.Node, owner: str) -> bool:
 
 
 # Ops between SDPA and the output projection that keep each head's values apart (zeros stay zeros).
-_HEADWISE = ("reshape", "alias", "transpose", "mul", "dropout", "getitem")
+_HEADWISE = ("reshape", "alias", "transpose", "mul", "dropout", "getitem", "dtensor")
 _OUTPUT_SEARCH_LIMIT = 16
 
 
@@ -276,7 +276,11 @@ def _op_mixing_heads(site: AttentionSite) -> str | None:
 
 
 def _input_of(projection: fx.Node) -> fx.Node | None:
+    """The projection's input as a local tensor: under tensor parallelism (``parallelize_module``) a projection
+    reads ``DTensor.from_local(x)``, and ``x`` is the input."""
     arg = bound_args(projection, op_name(projection)).get("input")
+    while isinstance(arg, fx.Node) and arg.op == "call_function" and op_name(arg) == "dtensor":
+        arg = arg.args[0]
     return arg if isinstance(arg, fx.Node) else None
 
 

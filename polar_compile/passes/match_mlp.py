@@ -21,7 +21,7 @@ from .graph import bound_args, is_projection, layer_of, op_name, shape_of, stati
 __all__ = ["MlpSite", "find_mlp_sites"]
 
 # Ops an MLP's activation is made of (GPT-2's tanh GELU is a chain of them); anything else ends the search.
-_ELEMENTWISE = ("relu", "activation", "mul", "add", "pow", "tanh", "reshape", "alias", "dropout")
+_ELEMENTWISE = ("relu", "activation", "mul", "add", "pow", "tanh", "reshape", "alias", "dropout", "dtensor")
 _SEARCH_LIMIT = 32  # nodes between the projections (GPT-2's tanh GELU is 8)
 
 
@@ -97,9 +97,10 @@ def _projections_above(source: fx.Node) -> tuple[list[fx.Node], list[str]]:
         name = op_name(node)
         if node.op not in ("call_function", "call_method") or name not in _ELEMENTWISE:
             return [], []  # something other than an activation between: not an MLP
-        if name not in ("reshape", "alias", "dropout"):
+        if name not in ("reshape", "alias", "dropout", "dtensor"):  # not activations
             ops.append(_activation_name(node))
-        for parent in node.all_input_nodes:
+        # DTensor.from_local also reads its device mesh (a graph input): the tensor is its first argument
+        for parent in node.all_input_nodes if name != "dtensor" else node.all_input_nodes[:1]:
             if parent not in seen:
                 seen.add(parent)
                 frontier.append(parent)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, fx
 
 from ..config import PolarConfig
+from ..distributed import MLP_SHARDED_REASON, projection_shard
 from ..ops import SUPPORTED_DTYPES
 from ..routers import RouterBankError
 from .attention import GRAD_REASON
@@ -105,6 +106,9 @@ class MlpPass:
             return site.dense_reason
         if kind != "decode":
             return f"{kind}: only decode steps are sparsified"
+        shard = projection_shard(site.up)
+        if shard is not None:
+            return MLP_SHARDED_REASON.format(size=shard.size)
         if router is None:
             return f"no MLP router for layer {site.layer}"
         _check_router_fits(site, router)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, fx
 
 from ..config import PolarConfig
+from ..distributed import projection_shard
 from ..ops import layer_mlp_router, layer_router  # noqa: F401  (registers the marker ops)
 from ..routers import RouterBank, RouterBankError, kept_units
 from .graph import layer_of, module_path, module_stack
@@ -102,9 +103,14 @@ def _bank_router(site: AttentionSite, config: PolarConfig) -> SiteRouter | str:
     bank = config.routers
     if site.layer not in bank.weights:
         return f"no router for layer {site.layer}"
-    k = kept_units(config.layer_density(site.layer), bank.shape.num_kv_heads)
+    weight, bias, units = bank.weights[site.layer], bank.biases[site.layer], bank.shape.num_kv_heads
+    shard = projection_shard(site.query_projection)
+    if shard is not None:  # tensor parallel: this rank's units, its own top-k (distributed.py)
+        where = f"layer {site.layer} ({site.module}), tensor-parallel rank {shard.rank} of {shard.size}"
+        weight, bias, units = shard.rows(weight, where), shard.rows(bias, where), shard.local_units(units, where)
+    k = kept_units(config.layer_density(site.layer), units)
     threshold = None if config.min_saved_mib is None else config.min_saved_mib * 2**20
-    return SiteRouter(site.layer, bank.weights[site.layer], bank.biases[site.layer], k, threshold, site.layer)
+    return SiteRouter(site.layer, weight, bias, k, threshold, site.layer)
 
 
 def _check_bank_fits_graph(gm: fx.GraphModule, bank: RouterBank, sites: list[AttentionSite]) -> None:

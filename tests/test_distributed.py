@@ -1,0 +1,235 @@
+"""Tensor-parallel polar decode on the CPU: two processes, gloo (issue 15).
+
+Each test spawns two ranks that build the same tiny model, shard it (``polar_compile.distributed.parallelize`` or
+transformers' own TP) and decode several left-padded steps with ``backend="polar"``. The reference is written here,
+independent of the package: the *unsharded* model, eager, with hooks that score each layer's units in float64 from
+the query projection's input, take every rank's own top-k of its block of units, and zero the other heads before
+the output projection.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from transformers import StaticCache
+
+import polar_compile
+from polar_compile.backend import compile_graph
+from polar_compile.config import PolarConfig
+from polar_compile.distributed import MLP_SHARDED_REASON, parallelize
+from polar_compile.routers import RouterBankError
+from polar_compile.testing import random_routers
+
+from .models import VOCAB, TinySpec, attention_modules, tiny_model
+
+WORLD = 2
+BATCH, PROMPT, STEPS = 3, 5, 3
+PAD = (0, 2, 4)  # left padding per sequence
+
+
+def _spawn(check: Callable[..., None], *args: object) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_rank_main, args=(check, port, args), nprocs=WORLD, join=True)
+
+
+def _rank_main(rank: int, check: Callable[..., None], port: int, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        check(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _mesh() -> object:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (WORLD,))
+
+
+@contextmanager
+def per_rank_gating(model: nn.Module, bank, density: float, heads: int, units: int) -> Iterator[None]:
+    """On the unsharded ``model``: at decode steps, each of the WORLD ranks' blocks of ``units / WORLD`` units keeps
+    its own top ``max(1, round(density * units / WORLD))`` by float64 router scores; other heads are zeroed."""
+    local = units // WORLD
+    keep = max(1, round(density * local))
+    captured, handles = {}, []
+    for layer, (q_proj, o_proj) in enumerate(attention_modules(model)):
+        if layer not in bank.weights:
+            continue
+        weight, bias = bank.weights[layer].double(), bank.biases[layer].double()
+
+        def capture(module, args, layer=layer):
+            captured[layer] = args[0]
+
+        def gate(module, args, layer=layer, weight=weight, bias=bias):
+            z = args[0]  # [B, 1, H * D]
+            if z.shape[1] != 1:
+                return None
+            scores = captured[layer].double() @ weight.T + bias  # [B, 1, units]
+            chosen = torch.zeros_like(scores)
+            for rank in range(WORLD):
+                block = scores[..., rank * local : (rank + 1) * local]
+                chosen[..., rank * local : (rank + 1) * local].scatter_(-1, block.topk(keep, dim=-1).indices, 1.0)
+            head_mask = chosen.repeat_interleave(heads // units, dim=-1)  # [B, 1, H]
+            return ((z.view(*z.shape[:-1], heads, -1) * head_mask[..., None].to(z.dtype)).flatten(-2),)
+
+        handles += [q_proj.register_forward_pre_hook(capture), o_proj.register_forward_pre_hook(gate)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _decode(model: nn.Module, step: Callable[..., object]) -> list[torch.Tensor]:
+    """Logits ``[B, vocab]`` of STEPS decode steps by ``step`` after an eager prefill of ``model`` (same random
+    tokens on every rank and run), left-padded by PAD."""
+    generator = torch.Generator().manual_seed(1)
+    prompt = torch.randint(1, VOCAB, (BATCH, PROMPT), generator=generator)
+    tokens = torch.randint(1, VOCAB, (BATCH, STEPS), generator=generator)
+    mask = torch.ones(BATCH, PROMPT + STEPS, dtype=torch.long)
+    for row, pad in enumerate(PAD):
+        mask[row, :pad] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = StaticCache(config=model.config, max_cache_len=PROMPT + STEPS)
+    logits = []
+    with torch.no_grad():
+        model(input_ids=prompt, attention_mask=mask[:, :PROMPT], past_key_values=cache,
+              cache_position=torch.arange(PROMPT), position_ids=positions[:, :PROMPT])
+        for t in range(PROMPT, PROMPT + STEPS):
+            out = step(input_ids=tokens[:, t - PROMPT : t - PROMPT + 1], attention_mask=mask[:, : t + 1],
+                       past_key_values=cache, cache_position=torch.tensor([t]), position_ids=positions[:, t : t + 1])
+            logits.append(out.logits[:, -1])
+    return logits
+
+
+def _recording(records: list, inductor: bool = False) -> Callable:
+    def backend(gm, example_inputs):
+        return compile_graph(gm, example_inputs, PolarConfig(inductor=inductor), records=records)
+
+    return backend
+
+
+def _assert_close(actual: list[torch.Tensor], expected: list[torch.Tensor], what: str) -> None:
+    for step, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4, msg=lambda m, step=step: f"{what}, decode step {step}: {m}")
+
+
+def _check_tp(model: nn.Module, reference: nn.Module, bank, *, inductor: bool = False) -> None:
+    """The TP ``model`` (sharded, routers not attached) against the unsharded ``reference``: polar 0.5 attached and
+    from options equal the per-rank reference; polar 1.0 equals dense TP; which sites were rewritten."""
+    shape = bank.shape
+    with per_rank_gating(reference, bank, 0.5, shape.num_heads, shape.num_kv_heads):
+        expected = _decode(reference, reference)
+    dense = _decode(model, model)
+
+    records: list = []
+    polar_compile.attach(model, bank, density=0.5)
+    _assert_close(_decode(model, torch.compile(model.forward, backend=_recording(records, inductor), fullgraph=True)),
+                  expected, "TP polar 0.5 (attached) vs the per-rank reference")
+    k_local = max(1, round(0.5 * shape.num_kv_heads / WORLD))
+    attention = next(r for r in records[0] if r.name == "attention")
+    assert [(s.layer, s.units, s.kept) for s in attention.sites if s.rewritten] == [
+        (layer, shape.num_kv_heads // WORLD, k_local) for layer in bank.layers]
+    if bank.mlp is not None:  # ReLU MLPs with routers, sharded: dense, saying why
+        mlp = next(r for r in records[0] if r.name == "mlp")
+        reasons = {(s.layer, s.reason) for s in mlp.sites}
+        assert reasons == {(layer, MLP_SHARDED_REASON.format(size=WORLD)) for layer in range(shape.num_layers)}, reasons
+
+    torch._dynamo.reset()
+    polar_compile.attach(model, bank, density=1.0, min_saved_mib=0)
+    _assert_close(_decode(model, torch.compile(model.forward, backend=_recording([]), fullgraph=True)), dense,
+                  "TP polar 1.0 vs dense TP")
+
+    torch._dynamo.reset()
+    polar_compile.detach(model)
+    step = torch.compile(model.forward, backend="polar", fullgraph=True,
+                         options={"routers": bank, "density": 0.5, "inductor": False})
+    _assert_close(_decode(model, step), expected, "TP polar 0.5 (options bank) vs the per-rank reference")
+
+
+def _llama_plain(rank: int) -> None:
+    model = tiny_model(TinySpec("llama", heads=8, kv_heads=4, head_dim=8, layers=3))
+    bank = random_routers(model)
+    reference = copy.deepcopy(model)
+    _check_tp(parallelize(model, _mesh()), reference, bank, inductor=True)
+
+
+def _llama_transformers(rank: int, folder: str) -> None:
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    reference = tiny_model(TinySpec("llama", heads=8, kv_heads=4, head_dim=8, layers=3))
+    if rank == 0:
+        reference.save_pretrained(folder)
+    dist.barrier()
+    model = AutoModelForCausalLM.from_pretrained(folder, distributed_config=DistributedConfig(tp_size=WORLD),
+                                                 attn_implementation="sdpa").eval()
+    _check_tp(model, reference, random_routers(reference))
+
+
+def _opt_plain(rank: int) -> None:
+    model = tiny_model(TinySpec("opt", heads=8, kv_heads=8, head_dim=8, layers=3, bias=True))
+    bank = random_routers(model, mlp_rank=16, mlp_topk={BATCH: 0.5})
+    reference = copy.deepcopy(model)
+    _check_tp(parallelize(model, _mesh()), reference, bank)
+
+
+def test_llama_gqa_parallelize_module() -> None:
+    """Tiny GQA Llama (8 heads, 4 KV heads: 2 KV groups per rank) sharded by a plain parallelize_module plan, with
+    Inductor for the attached 0.5 run (DTensor graph -> AOTAutograd -> local tensors + collectives)."""
+    _spawn(_llama_plain)
+
+
+def test_llama_gqa_transformers_tp(tmp_path: Path) -> None:
+    """The same model sharded by transformers' own TP (``distributed_config=DistributedConfig(tp_size=2)``)."""
+    _spawn(_llama_transformers, str(tmp_path / "tiny-llama"))
+
+
+def test_opt_parallelize_module() -> None:
+    """Tiny OPT (8 heads: 4 per rank) with MLP routers: attention routed per rank, the sharded MLP dense."""
+    _spawn(_opt_plain)
+
+
+def _bad_configs(rank: int) -> None:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    odd = tiny_model(TinySpec("llama", heads=6, kv_heads=3, head_dim=8, layers=2))
+    with pytest.raises(RouterBankError, match="3 KV heads are not divisible by the tensor-parallel size 2"):
+        parallelize(odd, _mesh())
+    bank = random_routers(odd)
+    for layer in odd.model.layers:  # sharded anyway, as a hand-written plan might: KV heads split mid-head
+        parallelize_module(layer.self_attn, _mesh(), {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(),
+                                                      "v_proj": ColwiseParallel(), "o_proj": RowwiseParallel()})
+    with pytest.raises(RouterBankError, match=rf"tensor-parallel rank {rank} of 2: 3 units .* not divisible by the "
+                       r"tensor-parallel size 2; .*\(expected a multiple of 2, got 3\)"):
+        polar_compile.attach(odd, bank)
+
+    model = parallelize(tiny_model(TinySpec("llama", heads=8, kv_heads=4, head_dim=8, layers=3)), _mesh())
+    other = random_routers(tiny_model(TinySpec("llama", heads=8, kv_heads=4, head_dim=8, layers=4)))
+    with pytest.raises(RouterBankError, match="num_layers is 4 in the bank, 3 in the model"):
+        polar_compile.attach(model, other)
+    step = torch.compile(model.forward, backend="polar", fullgraph=True, options={"routers": other, "inductor": False})
+    with pytest.raises(Exception, match="the router bank is for a model of 4 layers"):
+        _decode(model, step)
+
+
+def test_bad_configs_fail_on_every_rank() -> None:
+    """KV heads not divisible by the TP size, and a bank for another model, raise on both ranks with the layer or
+    field, the expected and the actual."""
+    _spawn(_bad_configs)
