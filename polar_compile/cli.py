@@ -312,21 +312,28 @@ def _add_eval(subparsers: Any) -> None:
     parser.add_argument("--plot", type=_checked(_output_file), default=None,
                         help="write a PNG of perplexity vs density here")
     parser.add_argument("--json", type=_checked(_output_file), default=None, help="write the numbers as JSON here")
+    parser.add_argument("--tp", type=_at_least(1, "--tp"), default=1,
+                        help="also rows 'oracle tp=N' and 'routers tp=N': N tensor-parallel ranks, each keeping its "
+                        "own top-k of its 1/N of the units, simulated on one device (default 1: none)")
     parser.set_defaults(func=_eval)
 
 
 def _eval(args: argparse.Namespace) -> int:
     from .data import as_windows
     from .evaluate import evaluate, format_report, plot_report
-    from .routers import RouterBank
+    from .routers import ModelShape, RouterBank
 
     bank = RouterBank.load(args.routers) if args.routers else None  # before the model: a bad path fails at once
     model, tokenizer = _load_model(args.model, args.dtype, args.device, args.seq_len)
     if bank is not None:
         bank.check_model(model)
+    units = ModelShape.of(model).num_kv_heads
+    if units % args.tp:
+        raise UsageError(f"--tp {args.tp}: the model's {units} units per layer (KV groups, or heads for MHA) are not "
+                         f"divisible by it")
     windows = as_windows(args.data, tokenizer, args.seq_len, max_tokens=args.tokens)
     report = evaluate(model, windows, args.densities, bank, batch_size=args.batch_size, prompts=args.prompts,
-                      new_tokens=args.new_tokens)
+                      new_tokens=args.new_tokens, tp=args.tp)
     print(format_report(report))
     if args.plot:
         print(f"plot: {plot_report({args.model: report}, args.plot)}")

@@ -45,33 +45,41 @@ __all__ = [
 
 METHODS = ("dense", "oracle", "routers", "mlp", "routers+mlp")
 MLP_METHODS = ("mlp", "routers+mlp")  # need a bank with MLP routers
+TP_METHODS = ("oracle", "routers")  # evaluate(tp=N) adds their per-rank selection as "<method> tp=N"
 
 
 @dataclass(frozen=True)
 class Sparsity:
     """Which units each layer keeps: ``method`` ranks them ('dense', 'oracle' or 'routers'), ``kept[layer]`` = k;
-    ``mlp_batch``: the MLPs keep the bank's k for this batch size per token (None: MLPs dense)."""
+    ``mlp_batch``: the MLPs keep the bank's k for this batch size per token (None: MLPs dense). ``tp``: the
+    tensor-parallel selection of ``tp`` ranks, simulated on one device: the units split into ``tp`` contiguous
+    blocks (each rank's), each keeping its own top ``k`` (then ``k`` is per block, of ``units / tp``)."""
 
     method: str = "dense"
     kept: tuple[tuple[int, int], ...] = ()  # ((layer, k), ...) for the gated layers
     mlp_batch: int | None = None
+    tp: int = 1
 
     @classmethod
-    def at_density(cls, method: str, density: float, layers: Sequence[int], units: int) -> Sparsity:
-        """``method`` keeping ``kept_units(density, units)`` units in each of ``layers`` (dense: none gated);
-        'mlp' routes the MLPs only (the bank's batch-size-1 row), 'routers+mlp' attention and MLPs."""
+    def at_density(cls, method: str, density: float, layers: Sequence[int], units: int, tp: int = 1) -> Sparsity:
+        """``method`` keeping ``kept_units(density, units / tp)`` units (per TP block) in each of ``layers`` (dense:
+        none gated); 'mlp' routes the MLPs only (the bank's batch-size-1 row), 'routers+mlp' attention and MLPs.
+        ``ValueError`` when ``tp`` does not divide ``units``."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        if units % tp:
+            raise ValueError(f"{units} units (KV groups, or heads for MHA) per layer are not divisible by the "
+                             f"tensor-parallel size {tp}")
         if method in ("dense", "mlp"):
             return cls(mlp_batch=1 if method == "mlp" else None)
         attention = "routers" if method == "routers+mlp" else method
         mlp_batch = 1 if method == "routers+mlp" else None
-        return cls(attention, tuple((layer, kept_units(density, units)) for layer in layers), mlp_batch)
+        return cls(attention, tuple((layer, kept_units(density, units // tp)) for layer in layers), mlp_batch, tp)
 
     def key(self, units: int) -> tuple:
         """Equal for specs that compute the same thing (a layer keeping every unit is dense)."""
-        gated = tuple((layer, k) for layer, k in self.kept if k < units)
-        return (self.method if gated else "dense", gated, self.mlp_batch)
+        gated = tuple((layer, k) for layer, k in self.kept if k < units // self.tp)
+        return (self.method if gated else "dense", gated, self.mlp_batch, self.tp if gated else 1)
 
 
 class _Gate:
@@ -83,14 +91,19 @@ class _Gate:
 
     def __call__(self, site: SiteInfo, x: Tensor, out: Tensor) -> Tensor:
         # x: [B, T, hidden]   out: [B, H, T, D]
-        k = dict(self.sparsity.kept).get(site.layer)
-        if k is None or k >= site.units:
+        k, tp = dict(self.sparsity.kept).get(site.layer), self.sparsity.tp
+        local = site.units // tp  # units per tensor-parallel rank (all of them at tp = 1)
+        if k is None or k >= local:
             return out
         if self.sparsity.method == "oracle":
-            top = torch.topk(unit_norms(out, site.units), k, dim=-1).indices  # [B, T, k]
+            norms = unit_norms(out, site.units)  # [B, T, units]
+            ranked = [torch.topk(norms[..., r * local : (r + 1) * local], k, dim=-1).indices for r in range(tp)]
         else:
-            weight, bias = self.bank.weights[site.layer], self.bank.biases[site.layer]
-            top = torch.ops.polar.route(x, weight.to(x), bias.to(x), k)  # [B, T, k]: the backend's router
+            weight, bias = self.bank.weights[site.layer].to(x), self.bank.biases[site.layer].to(x)
+            # the backend's router, on each rank's rows: [B, T, k] local indices per rank
+            ranked = [torch.ops.polar.route(x, weight[r * local : (r + 1) * local], bias[r * local : (r + 1) * local], k)
+                      for r in range(tp)]
+        top = torch.cat([indices + r * local for r, indices in enumerate(ranked)], dim=-1)  # [B, T, tp * k]
         keep = torch.zeros(*top.shape[:-1], site.units, dtype=torch.bool, device=top.device)
         keep = keep.scatter(-1, top, True)  # [B, T, units]
         keep = keep.transpose(1, 2).repeat_interleave(site.group, dim=1)  # [B, H, T]
@@ -129,9 +142,9 @@ class Evaluator:
         layers = self.attention_layers if self.attention_layers is not None else range(self.shape.num_layers)
         return [layer for layer in layers if layer != 0]
 
-    def sparsity(self, method: str, density: float) -> Sparsity:
-        """``method`` at one density for every routed layer."""
-        return Sparsity.at_density(method, density, self.routed_layers(), self.shape.num_kv_heads)
+    def sparsity(self, method: str, density: float, tp: int = 1) -> Sparsity:
+        """``method`` at one density for every routed layer, each of ``tp`` ranks keeping its own top-k."""
+        return Sparsity.at_density(method, density, self.routed_layers(), self.shape.num_kv_heads, tp)
 
     def token_nll(self, windows: Tensor, sparsity: Sparsity, desc: str = "", *, sample_mlp: int = 0) -> Tensor:
         """Per-token NLL ``[n, T]`` of windows ``[n, T + 1]`` (inputs ``w[:, :-1]``, targets ``w[:, 1:]``).
@@ -254,6 +267,7 @@ def evaluate(
     prompt_len: int = 32,
     new_tokens: int = 32,
     mlp_sample: int = 4096,
+    tp: int = 1,
     progress: bool = True,
 ) -> EvalReport:
     """Perplexity of ``windows`` ``[n, T + 1]`` for each method at each density, plus greedy-token agreement.
@@ -262,6 +276,10 @@ def evaluate(
     windows), position by position, the share equal to dense's. Equal configurations run once. 'routers' needs a
     bank, 'mlp' and 'routers+mlp' one with MLP routers; with those, the dense pass also samples up to
     ``mlp_sample`` tokens per MLP layer for the union recall by batch size.
+
+    ``tp`` > 1 adds rows ``"oracle tp=N"`` and ``"routers tp=N"`` beside the single-device ones: the selection of
+    N tensor-parallel ranks, each keeping its own top-k of its block of units (:class:`Sparsity`), what
+    ``backend="polar"`` runs on a TP-sharded model.
     """
     has_mlp = bank is not None and bank.mlp is not None
     methods = [m for m in methods if (m != "routers" or bank is not None) and (m not in MLP_METHODS or has_mlp)]
@@ -276,25 +294,27 @@ def evaluate(
         done[Sparsity().key(units)] = (math.exp(nll.double().mean().item()), generated)
     if has_mlp:
         report.union_recall, report.union_kept = evaluator.union_recall()
-    for method in methods:
+    runs = [(method, 1) for method in methods] + [(m, tp) for m in methods if tp > 1 and m in TP_METHODS]
+    for method, ranks in runs:
+        name = method if ranks == 1 else f"{method} tp={ranks}"
         for density in densities:
-            sparsity = evaluator.sparsity(method, density)
+            sparsity = evaluator.sparsity(method, density, ranks)
             key = sparsity.key(units)
             if key not in done:
-                nll = evaluator.token_nll(windows, sparsity, desc=f"{method} {density:g}")
+                nll = evaluator.token_nll(windows, sparsity, desc=f"{name} {density:g}")
                 generated = evaluator.greedy(prompt_ids, new_tokens, sparsity) if prompts else None
                 done[key] = (math.exp(nll.double().mean().item()), generated)
-            report.perplexity[method, density] = done[key][0]
+            report.perplexity[name, density] = done[key][0]
             if prompts:
                 reference = done[Sparsity().key(units)][1]
-                report.agreement[method, density] = (done[key][1] == reference).float().mean().item()
+                report.agreement[name, density] = (done[key][1] == reference).float().mean().item()
     return report
 
 
 def format_report(report: EvalReport) -> str:
     """A Markdown table: one row per method, perplexity (greedy agreement) per density."""
     densities = sorted({d for _, d in report.perplexity}, reverse=True)
-    methods = [m for m in METHODS if any(k[0] == m for k in report.perplexity)]
+    methods = sorted({m for m, _ in report.perplexity}, key=_method_order)
     lines = [
         "| method | " + " | ".join(f"density {d:g}" for d in densities) + " |",
         "|---|" + "---|" * len(densities),
@@ -308,6 +328,9 @@ def format_report(report: EvalReport) -> str:
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines.append(f"\nperplexity over {report.tokens} predicted tokens (greedy-token agreement with dense); "
                  "mlp: the MLP router's top-k per token at the batch-size-1 row, attention dense")
+    if any(" tp=" in m for m in methods):
+        lines.append("tp=N: each of N tensor-parallel ranks keeps its own top-k of its 1/N of the units (density x "
+                     "units/N), as backend='polar' does on a TP-sharded model")
     if report.union_recall:
         sizes = sorted(report.union_recall)
         lines += ["", "| MLP, batch size | " + " | ".join(map(str, sizes)) + " |", "|---|" + "---|" * len(sizes),
@@ -330,10 +353,12 @@ def plot_report(reports: dict[str, EvalReport], path: str | Path) -> Path:
     fig, axes = plt.subplots(rows, len(reports), figsize=(5 * len(reports), 4 * rows), squeeze=False)
     for column, (name, report) in enumerate(reports.items()):
         ax = axes[0][column]
-        for method, style in zip(METHODS, ("k--", "g-o", "b-s", "m:", "r-^"), strict=True):
+        styles = dict(zip(METHODS, ("k--", "g-o", "b-s", "m:", "r-^"), strict=True))
+        for method in sorted({m for m, _ in report.perplexity}, key=_method_order):
             points = sorted((d, p) for (m, d), p in report.perplexity.items() if m == method)
-            if points:
-                ax.plot(*zip(*points, strict=True), style, label=method)
+            base = method.split(" tp=")[0]
+            style = styles.get(base, "c-") if base == method else styles.get(base, "c-")[0] + ":x"  # TP: dotted
+            ax.plot(*zip(*points, strict=True), style, label=method)
         ax.set(title=name, xlabel="density (fraction of heads / KV groups kept)", ylabel="perplexity")
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
@@ -345,6 +370,12 @@ def plot_report(reports: dict[str, EvalReport], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _method_order(name: str) -> tuple[int, str]:
+    """Report order: :data:`METHODS`, each followed by its per-rank (``tp=N``) rows; unknown names last."""
+    base = name.split(" tp=")[0]
+    return (METHODS.index(base) if base in METHODS else len(METHODS), name)
 
 
 def _plot_union(ax: Any, report: EvalReport) -> None:
