@@ -409,6 +409,9 @@ def _add_bench(subparsers: Any) -> None:
                         help="directory for decode.json, decode.md, decode.png (default out)")
     parser.add_argument("--report", nargs="+", type=Path, metavar="JSON",
                         help="measure nothing: merge these decode.json files of earlier runs into one table and plot")
+    parser.add_argument("--tp", type=_at_least(1, "--tp"), default=1,
+                        help="tensor-parallel size: under torchrun --nproc-per-node N, time dense TP Inductor, polar 1.0 "
+                        "and polar 0.5 on N GPUs (writes decode-tp.json/.md; see polar_compile/bench/tp.py)")
     parser.set_defaults(func=_bench)
 
 
@@ -429,6 +432,11 @@ def _bench(args: argparse.Namespace) -> int:
     except bench.CudaUnavailableError as error:
         print(f"polar-compile bench: error: {error}", file=sys.stderr)
         return 2
+    if args.tp > 1:
+        from .bench.tp import run_tp_benchmark
+
+        run_tp_benchmark(cases, args.tp, repeats=args.repeats, out=args.out, max_layers=args.layers)
+        return 0
     bench.run_benchmark(cases, repeats=args.repeats, out=args.out, max_layers=args.layers, variants=args.variants,
                         attn_density=args.attn_density)
     return 0

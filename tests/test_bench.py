@@ -295,11 +295,12 @@ def test_plot_writes_a_png(tmp_path):
 @pytest.mark.parametrize(("name", "params"), [
     ("llama2-7b", 6_738_415_616),  # Llama-2-7B's published count
     ("llama3-8b", 8_030_261_248),  # Llama-3.1-8B's
+    ("llama2-13b", 13_015_864_320),  # Llama-2-13B's (its 40 layers)
     ("opt-6.7b", 6_658_473_984 + (16384 - 2048) * 4096),  # OPT-6.7B's, positions widened from 2048 to 16384
 ])
 def test_shapes_are_the_real_models(name, params):
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(SHAPES[name](32))
+        model = AutoModelForCausalLM.from_config(SHAPES[name]())
     assert sum(p.numel() for p in model.parameters()) == params
 
 
@@ -329,7 +330,8 @@ def test_layers_that_fit_counts_weights_cache_and_repeated_kv(name, batch, conte
 def tiny(name: str, layers: int = 2):
     """The shape's config class and options, shrunk to hidden 64, 4 heads (GQA ratio kept), vocab 128."""
     config = SHAPES[name](layers)
-    kv = 4 * getattr(config, "num_key_value_heads", 32) // 32
+    heads = config.num_attention_heads
+    kv = 4 * getattr(config, "num_key_value_heads", heads) // heads
     small = dict(hidden_size=64, num_attention_heads=4, vocab_size=128)
     if config.model_type == "opt":
         small.update(ffn_dim=128, word_embed_proj_dim=64)

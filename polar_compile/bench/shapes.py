@@ -23,6 +23,13 @@ def _llama2_7b(layers: int = 32) -> PretrainedConfig:
                        num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=16384)
 
 
+def _llama2_13b(layers: int = 40) -> PretrainedConfig:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_key_value_heads=40,
+                       num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=16384)
+
+
 def _llama3_8b(layers: int = 32) -> PretrainedConfig:
     from transformers import LlamaConfig
 
@@ -47,6 +54,7 @@ def _opt_66b(layers: int = 64) -> PretrainedConfig:
 
 SHAPES: dict[str, Callable[[int], PretrainedConfig]] = {
     "llama2-7b": _llama2_7b,  # MHA, SiLU MLP
+    "llama2-13b": _llama2_13b,  # MHA, 40 heads, SiLU MLP
     "llama3-8b": _llama3_8b,  # GQA 32/8, SiLU MLP
     "opt-6.7b": _opt_6_7b,  # MHA, ReLU MLP
     "opt-66b": _opt_66b,  # MHA, ReLU MLP
