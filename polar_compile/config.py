@@ -46,8 +46,8 @@ class PolarConfig:
     # B = 1, 16, 32, 64, 128), a little below each crossing. The router's fixed ~27-42 µs weighs most on small
     # MLPs. A sparse MLP layer whose k is past it stays dense.
     CUDA_MLP_BREAK_EVEN: ClassVar[tuple[tuple[int, tuple[tuple[int, float], ...]], ...]] = (
-        (2**30, ((16, 0.4), (32, 0.35), (64, 0.25), (2**62, 0.2))),
-        (2**62, ((16, 0.7), (32, 0.65), (64, 0.5), (2**62, 0.35))),
+        (2**30, ((16, 0.5), (32, 0.4), (64, 0.3), (2**62, 0.3))),
+        (2**62, ((16, 0.7), (32, 0.6), (64, 0.5), (2**62, 0.4))),
     )
 
     routers: RouterBank | None = None

@@ -126,6 +126,6 @@ def test_mlp_break_even_by_device_batch_and_mlp_size():
     config = PolarConfig()
     assert config.mlp_break_even("cpu", 64, 2**40) == 1.0  # the reference ops: always route what the table says
     small, large = 256 * 2**20, 2**31  # OPT-6.7B's MLP, OPT-66B's
-    assert [config.mlp_break_even("cuda", b, small) for b in (1, 16, 17, 64, 65, 256)] == [0.4, 0.4, 0.35, 0.25,
-                                                                                         0.2, 0.2]
-    assert [config.mlp_break_even("cuda", b, large) for b in (1, 16, 32, 64, 128)] == [0.7, 0.7, 0.65, 0.5, 0.35]
+    assert [config.mlp_break_even("cuda", b, small) for b in (1, 16, 17, 64, 65, 256)] == [0.5, 0.5, 0.4, 0.3,
+                                                                                         0.3, 0.3]
+    assert [config.mlp_break_even("cuda", b, large) for b in (1, 16, 32, 64, 128)] == [0.7, 0.7, 0.6, 0.5, 0.4]
