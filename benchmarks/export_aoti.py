@@ -116,6 +116,7 @@ def run_case(shape: str, batch: int, context: int, layers: int, repeats: int, fo
     start = time.perf_counter()
     program, records = export_decode(model, inputs, PolarConfig(routers=bank, density=DENSITY))
     rewritten = [site.layer for site in records[0].sites if site.rewritten]
+    print(f"exported and rewritten in {time.perf_counter() - start:.1f} s; AOTInductor compiling", flush=True)
     package = folder / f"{shape}-{batch}-{context}.pt2"
     compile_aoti(program, package)
     runner = torch._inductor.aoti_load_package(str(package))
