@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, CompileConfig
 
 import polar_compile
+from polar_compile import PolarConfig
 from polar_compile.testing import random_routers
 from tests.mlp_reference import sparse_mlps
 from tests.models import gated_heads
@@ -65,15 +66,19 @@ def tiny_opt():
 def test_compiled_generate_with_sparse_mlps_agrees_with_masked_eager():
     """OPT's ReLU MLPs through mlp_route + the gather kernels (and attention routed too), under CUDA graphs."""
     model = tiny_opt()
-    bank = random_routers(model, seed=0, mlp_rank=32, mlp_topk={16: 0.5})
+    density, batch = 0.25, 16
+    mlp_bytes = 2 * model.config.hidden_size * model.config.ffn_dim * model.dtype.itemsize
+    # the kernels must run: a k past the measured break-even would keep the MLPs dense (the test failed that way)
+    assert density <= PolarConfig().mlp_break_even("cuda", batch, mlp_bytes)
+    bank = random_routers(model, seed=0, mlp_rank=32, mlp_topk={batch: density})
     generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(1, model.config.vocab_size, (16, 24), generator=generator).cuda()
+    input_ids = torch.randint(1, model.config.vocab_size, (batch, 24), generator=generator).cuda()
     attention_mask = torch.ones_like(input_ids)
-    for row in range(16):
+    for row in range(batch):
         attention_mask[row, : row % 5] = 0
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=32, do_sample=False,
                   cache_implementation="static", pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-    with gated_heads(model, bank, 0.5), sparse_mlps(model, "opt", bank.mlp, 16):
+    with gated_heads(model, bank, 0.5), sparse_mlps(model, "opt", bank.mlp, batch):
         expected = model.generate(**kwargs, disable_compile=True)
     polar_compile.attach(model, bank, density=0.5, min_saved_mib=0)
     torch._dynamo.utils.counters.clear()
