@@ -64,12 +64,14 @@ def program(which: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--which", choices=["dense", "route", "triton"], required=True)
-    which = parser.parse_args().which
+    parser.add_argument("--device-index", type=int, default=-1, help="aoti_load_package's device_index")
+    args = parser.parse_args()
+    which = args.which
     exported, inputs = program(which)
     path = os.path.join(tempfile.mkdtemp(), f"{which}.pt2")
     compile_aoti(exported, path)
     print(which, "compiled", flush=True)
-    runner = torch._inductor.aoti_load_package(path)
+    runner = torch._inductor.aoti_load_package(path, device_index=args.device_index)
     print(which, "loaded", flush=True)
     with torch.no_grad():
         runner(*inputs)
