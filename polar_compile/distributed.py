@@ -11,13 +11,16 @@ router rows of its own units (KV groups, or heads for MHA), ``units / T`` of the
 does the same work, but the kept set differs from a global top-k: each rank keeps exactly ``k_local`` of its own
 units (``polar-compile eval --tp T`` measures what that costs).
 
-What a backend sees (torch 2.13, transformers 5.24; Dynamo graph, before AOTAutograd):
+What a backend sees (torch 2.13, transformers 5.24 and 5.17; Dynamo graph, before AOTAutograd):
 - ``parallelize_module``: the parameters are ``DTensor`` placeholders; each projection reads
   ``DTensor.from_local(x)`` and its output passes through ``redistribute`` and ``to_local``; SDPA and the cache
   are local tensors (``H/T`` heads);
 - transformers' TP: the parameters are ``DTensor`` placeholders whose ``to_local()`` the linear reads (a local
   ``linear`` on the local input), and the row-sharded output is summed by ``_c10d_functional.all_reduce`` +
   ``wait_tensor`` + ``copy_``.
+Torch 2.11 (and earlier) Dynamo records ``from_local``, ``redistribute`` and ``to_local`` as call_functions of
+closures named ``prim from_local``, ``prim_redistribute`` and ``prim_to_local`` (the mesh is not a graph input
+there); the matcher looks through both forms (``passes/graph.py``: op ``dtensor``).
 The sharding of a projection is read from its weight's ``DTensor`` (:func:`projection_shard`), that of a model
 from its decoder layers' parameters (:func:`model_shard`). A sharded MLP stays dense: per-rank neuron routing is
 not implemented.
@@ -82,11 +85,12 @@ def tensor_shard(tensor: Any) -> TpShard | None:
 
 def projection_shard(projection: fx.Node | None) -> TpShard | None:
     """The shard of a ``linear`` node's weight in a Dynamo graph: the ``DTensor`` placeholder it reads, directly
-    (``parallelize_module``) or through ``to_local()`` (transformers' TP); None when the weight is a plain tensor."""
+    (``parallelize_module``) or through ``to_local()`` (transformers' TP; a ``prim_to_local`` closure on torch
+    2.11); None when the weight is a plain tensor."""
     if projection is None or op_name(projection) != "linear":
         return None
     weight = bound_args(projection, "linear").get("weight")
-    while isinstance(weight, fx.Node) and weight.op == "call_method" and weight.target == "to_local":
+    while isinstance(weight, fx.Node) and op_name(weight) == "dtensor" and weight.args:
         weight = weight.args[0]
     return tensor_shard(fake_value(weight))
 

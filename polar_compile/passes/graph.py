@@ -114,7 +114,7 @@ def op_name(node: fx.Node) -> str | None:
             name = _TARGET_TO_NAME.get(node.target)
         except TypeError:  # unhashable target
             return None
-        return "dtensor" if name is None and _is_from_local(node.target) else name
+        return "dtensor" if name is None and (_is_from_local(node.target) or _is_prim_dtensor(node.target)) else name
     return None
 
 
@@ -123,6 +123,25 @@ def _is_from_local(target: Any) -> bool:
     ``torch.distributed.tensor`` is imported: a graph without DTensors cannot call it."""
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and target is module.DTensor.from_local
+
+
+def is_dtensor(value: Any) -> bool:
+    """True for a ``DTensor`` (real or fake), looked up only where ``torch.distributed.tensor`` is imported."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(value, module.DTensor)
+
+
+# How Dynamo records DTensor's from_local / redistribute / to_local while the device mesh is not an opaque graph
+# input (torch 2.11 and earlier; pytorch#176661 changed it after 2.11's branch cut, and torch 2.13 records
+# ``DTensor.from_local(x, mesh, ...)`` and the two methods as they are): each is a call_function of a closure that
+# holds the mesh and placements, with its tensor as the first argument, named by Dynamo for debugging
+# (torch/_dynamo/variables/torch.py and tensor.py).
+PRIM_DTENSOR_NAMES = ("prim from_local", "prim_redistribute", "prim_to_local")
+
+
+def _is_prim_dtensor(target: Any) -> bool:
+    """A closure Dynamo made for a DTensor call (:data:`PRIM_DTENSOR_NAMES`)."""
+    return callable(target) and getattr(target, "__name__", None) in PRIM_DTENSOR_NAMES
 
 
 def bound_args(node: fx.Node, name: str) -> dict[str, Any]:

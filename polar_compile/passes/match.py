@@ -31,6 +31,7 @@ from .graph import (
     SDPA_DEFAULTS,
     bound_args,
     fake_value,
+    is_dtensor,
     is_full_slice,
     is_projection,
     is_within,
@@ -136,6 +137,8 @@ def _match_site(sdpa: fx.Node) -> AttentionSite:
                                                    (float, torch.SymFloat)):
         site.scale = scale
     site.ownership_reason = _why_not_owned(site)
+    if site.ownership_reason is not None:
+        site.ownership_reason += _tensor_parallel_hint(site)
     site.dense_reason = site.ownership_reason or _why_not_decode(site, args, v_shape)
     return site
 
@@ -164,6 +167,23 @@ def _why_not_owned(site: AttentionSite) -> str | None:
         return (f"{mixing} acts on the attention output between SDPA and the output projection (only reshapes and "
                 "head-wise scalings may: else zeroing unselected heads at SDPA is not zeroing them there)")
     return None
+
+
+def _tensor_parallel_hint(site: AttentionSite) -> str:
+    """For a site that is not owned, when its module's nodes take or make ``DTensor``s through an op the matcher
+    does not look through (tensor parallelism recorded in a form :func:`~.graph.op_name` does not know): that op,
+    the likely cause (a TP site must never stay dense without saying so). "" otherwise."""
+    for node in site.sdpa.graph.nodes:
+        if node.op not in ("call_function", "call_method") or op_name(node) is not None:
+            continue
+        if not is_within(node, site.module):
+            continue
+        if is_dtensor(fake_value(node)) or any(is_dtensor(fake_value(arg)) for arg in node.all_input_nodes):
+            name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+            return (f"; tensor parallel: {site.module} takes or makes DTensors through {name!r}, which the matcher "
+                    f"does not look through (torch {torch.__version__}), so it cannot follow the local tensors from "
+                    "the projections to the attention")
+    return ""
 
 
 def _why_not_decode(site: AttentionSite, args: dict, v_shape: tuple) -> str | None:
@@ -277,9 +297,9 @@ def _op_mixing_heads(site: AttentionSite) -> str | None:
 
 def _input_of(projection: fx.Node) -> fx.Node | None:
     """The projection's input as a local tensor: under tensor parallelism (``parallelize_module``) a projection
-    reads ``DTensor.from_local(x)``, and ``x`` is the input."""
+    reads ``DTensor.from_local(x)`` (or Dynamo's ``prim from_local`` closure of ``x``), and ``x`` is the input."""
     arg = bound_args(projection, op_name(projection)).get("input")
-    while isinstance(arg, fx.Node) and arg.op == "call_function" and op_name(arg) == "dtensor":
+    while isinstance(arg, fx.Node) and op_name(arg) == "dtensor" and arg.args and isinstance(arg.args[0], fx.Node):
         arg = arg.args[0]
     return arg if isinstance(arg, fx.Node) else None
 
