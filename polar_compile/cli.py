@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .data import DataError
-from .export.decode_step import ExportError
+from .export.errors import ExportError
 from .instrument import InstrumentError
 from .routers import RouterBankError, check_density
 

@@ -20,8 +20,10 @@ README_PATH = 'path = "meta-llama/Llama-3.1-8B"'
 
 
 def readme_blocks() -> list[str]:
-    """The README's ```python blocks, in order: Quickstart, explain, generate."""
-    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    """The ```python blocks of the README's Quickstart, in order: Quickstart, explain, generate (the sections after
+    it show fragments; ``examples/deploy.py`` and ``examples/tp_generate.py`` are their runnable forms)."""
+    quickstart = (ROOT / "README.md").read_text().split("\n## Calibrate routers")[0]
+    return re.findall(r"```python\n(.*?)```", quickstart, re.S)
 
 
 @pytest.fixture(scope="module")

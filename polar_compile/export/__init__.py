@@ -12,22 +12,21 @@ This package module is also callable: ``polar_compile.export(...)`` is :func:`ex
 
 from __future__ import annotations
 
+import importlib
 import sys
 import types
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from .errors import ExportError
 
-from ..config import PolarConfig
-from ..explain import ExplainReport
-from ..routers import RouterBank
-from .aoti import compile_aoti
-from .artifact import PROGRAMS, Deployment, load, write_manifest
-from .decode_step import CacheStep, ExportError, cache_names, cache_shape, example_inputs
-from .program import export_decode, export_prefill
-from .pt2 import save_pt2
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..routers import RouterBank
+    from .artifact import Deployment, load
+    from .decode_step import CacheStep
 
 __all__ = ["FORMATS", "CacheStep", "Deployment", "ExportError", "export", "load"]
 
@@ -65,6 +64,12 @@ def export(
     prefill-shaped decode example, a model without routers or without attention the matcher finds, and
     ``tensorrt`` without ``torch_tensorrt``.
     """
+    from ..config import PolarConfig
+    from ..explain import ExplainReport
+    from .artifact import PROGRAMS, write_manifest
+    from .decode_step import cache_names, cache_shape, example_inputs
+    from .program import export_decode, export_prefill
+
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; formats: {list(FORMATS)}")
     if format == "tensorrt":
@@ -111,6 +116,9 @@ def _check_sizes(batch_size: Any, max_cache_len: Any, prefill_len: Any) -> None:
 
 
 def _write_program(format: str, program: Any, inputs: Sequence[Any], path: Path) -> None:
+    from .aoti import compile_aoti
+    from .pt2 import save_pt2
+
     if format == "pt2":
         save_pt2(program, path)
     elif format == "aoti":
@@ -119,6 +127,17 @@ def _write_program(format: str, program: Any, inputs: Sequence[Any], path: Path)
         from .tensorrt import compile_tensorrt
 
         compile_tensorrt(program, inputs, path)
+
+
+_LAZY = {"CacheStep": "decode_step", "Deployment": "artifact", "load": "artifact"}
+
+
+def __getattr__(name: str) -> Any:
+    # the heavy parts (transformers, torch.export) load on first use: `import polar_compile` and the CLI's --help
+    # stay light
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _CallableModule(types.ModuleType):

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .decode_step import ExportError
+from .errors import ExportError
 
 __all__ = ["MANIFEST", "Deployment", "load", "read_manifest", "write_manifest"]
 

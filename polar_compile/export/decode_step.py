@@ -38,13 +38,11 @@ from torch import Tensor, nn
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
-__all__ = ["CACHE_MODES", "CacheStep", "ExportError", "cache_names", "cache_shape", "example_inputs", "new_cache"]
+from .errors import ExportError
+
+__all__ = ["CACHE_MODES", "CacheStep", "cache_names", "cache_shape", "example_inputs", "new_cache"]
 
 CACHE_MODES = ("inplace", "io")
-
-
-class ExportError(ValueError):
-    """A model, argument or example that cannot be exported as asked; the message says why and what to do."""
 
 
 def cache_shape(model: nn.Module, batch_size: int, max_cache_len: int) -> tuple[int, int, int, int]:

@@ -26,7 +26,8 @@ from torch import nn
 from ..config import PolarConfig
 from ..explain import ExplainReport
 from .artifact import write_manifest
-from .decode_step import ExportError, cache_names, cache_shape, example_inputs
+from .decode_step import cache_names, cache_shape, example_inputs
+from .errors import ExportError
 from .program import export_decode, export_prefill
 
 __all__ = ["ONNX_OPSET", "PROGRAMS", "check_standard_onnx", "export_onnx", "input_names",

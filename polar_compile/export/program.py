@@ -20,7 +20,8 @@ from ..config import PolarConfig
 from ..passes.manager import run_passes
 from ..passes.records import PassRecord
 from ..passes.routing import is_mlp_router_marker, is_router_marker
-from .decode_step import CacheStep, ExportError
+from .decode_step import CacheStep
+from .errors import ExportError
 
 __all__ = ["export_decode", "export_prefill"]
 

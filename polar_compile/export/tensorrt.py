@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.export import ExportedProgram
 
-from .decode_step import ExportError
+from .errors import ExportError
 
 __all__ = ["MISSING_TENSORRT", "compile_tensorrt", "require_tensorrt"]
 
