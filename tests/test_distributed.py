@@ -347,3 +347,19 @@ def test_tp_site_dense_says_why() -> None:
     """A TP graph whose DTensor calls the matcher cannot look through (a form no torch records yet): every site
     stays dense, and its reason (what explain prints) names tensor parallelism and the op."""
     _spawn(_unknown_dtensor_form)
+
+
+def _bench_sites(rank: int) -> None:
+    from polar_compile.bench.step import DecodeStep
+    from polar_compile.bench.tp import tp_sites
+
+    model = parallelize(tiny_model(TinySpec("llama", heads=8, kv_heads=4, head_dim=8, layers=3)), _mesh())
+    step = DecodeStep(model, 2, 16, "cpu")
+    polar_compile.attach(model, random_routers(model), density=0.5, min_saved_mib=0)
+    assert tp_sites(step, model) == {"routed": 2, "sites": 3, "gqa": 1, "dense": {"no router for layer 0": [0]}}
+
+
+def test_bench_tp_reports_routed_sites() -> None:
+    """``bench --tp``'s site report on a sharded model's decode step (each rank: 2 of 3 layers routed, layer 0
+    dense and GQA-native)."""
+    _spawn(_bench_sites)

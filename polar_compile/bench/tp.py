@@ -8,7 +8,8 @@ times, side by side in one job, :data:`TP_VARIANTS`: dense Inductor with GQA-nat
 attention at density 1.0 (the selective kernel on every unit) and at 0.5 (each rank keeps its own top half of its
 units), all ``mode="reduce-overhead"`` (CUDA graphs with the all-reduces inside). MLPs stay dense under TP. Rank 0
 writes ``decode-tp.json`` and ``decode-tp.md``: per variant ms/step, tokens/s, the profile of one step (attention,
-GEMMs, collectives, router, other) and the Amdahl ideal of polar 0.5 from the baseline's attention time.
+GEMMs, collectives, router, other), the Amdahl ideal of polar 0.5 from the baseline's attention time, and which
+attention sites each polar variant routes (:func:`tp_sites`; printed before it is timed, with a warning when none).
 """
 
 from __future__ import annotations
@@ -70,6 +71,22 @@ def tp_breakdown(step: DecodeStep, fn: Callable[..., Any], steps: int = 5) -> di
     return seconds
 
 
+def tp_sites(step: DecodeStep, model: Any) -> dict[str, Any]:
+    """What ``backend="polar"`` does to the attention sites of ``model``'s decode step on this rank, with the routers
+    attached (:func:`polar_compile.explain`: one traced step, no Inductor; every rank must call it, the step runs
+    the all-reduces): ``routed`` of ``sites`` attention sites, ``gqa`` dense sites that read the un-repeated cache,
+    and ``dense``: each reason with its layers."""
+    from ..explain import explain
+
+    step.reset()
+    report = explain(model, **step.inputs)
+    dense: dict[str, list[int | None]] = {}
+    for site in report.dense:
+        dense.setdefault(site.reason, []).append(site.layer)
+    return {"routed": len(report.rewritten), "sites": len(report.sites),
+            "gqa": sum(site.rewritten for site in report.sites_of("gqa")), "dense": dense}
+
+
 def run_tp_case(name: str, batch: int, context: int, repeats: int, mesh: Any, max_layers: int | None = None) -> Row:
     """Time :data:`TP_VARIANTS` of one case on this rank of ``mesh``; every rank must call it. Returns the row
     (rank 0's times; ranks wait for each other in every all-reduce)."""
@@ -93,6 +110,14 @@ def run_tp_case(name: str, batch: int, context: int, repeats: int, mesh: Any, ma
             torch._dynamo.reset()
             torch.cuda.empty_cache()
             fn = compile_variant(model, variant, bank)
+            if variant != BASELINE:  # say what the polar step routes before timing it (a dense one is no polar)
+                sites = row[f"{variant}-sites"] = tp_sites(step, model)
+                if mesh.get_rank() == 0:
+                    print(f"  TP={tp} {name} {variant}: {sites['routed']} of {sites['sites']} attention sites routed, "
+                          f"{sites['gqa']} dense ones GQA-native; dense: {sites['dense']}", flush=True)
+                    if not sites["routed"]:
+                        print(f"  WARNING: {variant} routes no attention site: its time is that of a dense step",
+                              flush=True)
             seconds, synced, first = step.time(fn, repeats)
             row[variant], row[f"{variant}-synced"], row[f"{variant}-first-call"] = seconds, synced, first
             row[f"{variant}-tokens/s"] = batch / seconds
@@ -125,6 +150,15 @@ def tp_markdown(rows: list[Row]) -> str:
         for variant in r["variants"]:
             cells = " | ".join(f"{r[f'{variant}-gpu'][c] * 1e3:.3f}" for c in TP_CATEGORIES)
             lines.append(f"| {r['model']} B={r['batch']} L={r['context']} | {variant} | {cells} |")
+    sited = [(r, variant) for r in rows for variant in r["variants"] if f"{variant}-sites" in r]
+    if sited:
+        lines += ["", "Attention sites of the decode step on rank 0 (polar_compile.explain):", "",
+                  "| case | variant | routed | GQA-native (dense) | dense: why (layers) |", "|---|---|---|---|---|"]
+        for r, variant in sited:
+            sites = r[f"{variant}-sites"]
+            why = "; ".join(f"{reason} ({', '.join(map(str, layers))})" for reason, layers in sites["dense"].items())
+            lines.append(f"| {r['model']} B={r['batch']} L={r['context']} | {variant} | {sites['routed']} of "
+                         f"{sites['sites']} | {sites['gqa']} | {why or '-'} |")
     return "\n".join(lines) + "\n"
 
 
