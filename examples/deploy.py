@@ -3,14 +3,15 @@ would, decode a left-padded batch and print tokens/s.
 
     python examples/deploy.py --format pt2                         # a small random Llama, random routers
     python examples/deploy.py --format aoti --out art/             # an AOTInductor package (C++ compile: minutes)
+    python examples/deploy.py --format onnx                        # ONNX in onnxruntime (pip install 'polar-compile[onnx]')
     python examples/deploy.py --model PATH_OR_HUB_ID --routers DIR --format aoti
-    python examples/deploy.py --artifact art/                      # only load and run an existing pt2/aoti artifact
+    python examples/deploy.py --artifact art/                      # only load and run an existing artifact
 
 Loading needs ``import polar_compile`` only (``polar_compile.export.load``); the cache is a list of tensors this
-script owns, which the prefill and every decode step write into in place. Prompts are left-padded to the artifact's
-``prefill_len``; each row keeps its own positions. ``examples/aoti_runner.cpp`` runs an ``aoti`` artifact from C++;
-ONNX artifacts run with onnxruntime. The model is exported on the GPU in bf16 when there is one (an ``aoti``
-package then holds the Triton kernels), else on the CPU in fp32, where the polar ops are reference
+script owns, which the prefill and every decode step write into in place (an ONNX step returns the cache, which
+``load`` copies back). Prompts are left-padded to the artifact's ``prefill_len``; each row keeps its own positions.
+``examples/aoti_runner.cpp`` runs an ``aoti`` artifact from C++. The model is exported on the GPU in bf16 when
+there is one (an ``aoti`` package then holds the Triton kernels), else on the CPU in fp32, where the polar ops are reference
 implementations: the tokens/s printed there say nothing about polar's speed on a GPU.
 """
 
@@ -75,7 +76,7 @@ def left_padded_prompts(deployment: polar_compile.export.Deployment, model_path:
 def main() -> None:
     """Export (unless ``--artifact``), load, prefill, decode, report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--format", choices=("pt2", "aoti"), default="pt2")
+    parser.add_argument("--format", choices=("pt2", "aoti", "onnx"), default="pt2")
     parser.add_argument("--artifact", type=Path, help="run this artifact instead of exporting one")
     parser.add_argument("--model", help="local folder or hub id of a supported decoder (default: a random Llama)")
     parser.add_argument("--routers", help="router bank folder (default: random routers)")

@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 
 import polar_compile
-from polar_compile.export.decode_step import CacheStep, ExportError, new_cache
-from polar_compile.export.onnx import PROGRAMS, check_standard_onnx, input_names, output_names
+from polar_compile.export import ExportError
+from polar_compile.export.decode_step import CacheStep, input_names, new_cache
+from polar_compile.export.onnx import PROGRAMS, check_standard_onnx, output_names
 from polar_compile.export.onnx_ops import TRANSLATIONS
 from polar_compile.testing import random_routers
 from tests.models import VOCAB, TinySpec, tiny_model
@@ -265,6 +266,7 @@ def test_onnx_steps_match_the_eager_polar_step(family, spec, mlp, tmp_path):
         expected = CacheStep(model)(ids, positions, mask, torch.arange(PROMPT), *cache)  # dense prefill
     logits, *ort_cache = prefill.run(None, feed(ids, positions, mask, torch.arange(PROMPT), *cache))
     torch.testing.assert_close(torch.from_numpy(logits), expected, atol=1e-4, rtol=1e-4)
+    prompt, steps = (ids, positions), []
     for slot in range(PROMPT, PROMPT + STEPS):
         ids = torch.randint(1, VOCAB, (BATCH, 1), generator=generator)
         positions = mask[:, : slot + 1].sum(-1, keepdim=True) - 1
@@ -273,11 +275,24 @@ def test_onnx_steps_match_the_eager_polar_step(family, spec, mlp, tmp_path):
             expected = step(*args, *cache)
         logits, *ort_cache = decode.run(None, feed(*args, *(torch.from_numpy(c) for c in ort_cache)))
         torch.testing.assert_close(torch.from_numpy(logits), expected, atol=1e-4, rtol=1e-4)
+        steps.append((ids, positions, slot, expected))
     written = mask[:, None, : PROMPT + STEPS, None].bool()  # slots holding real tokens (padding's K/V is unused)
     for actual, reference in zip(ort_cache, cache, strict=True):
         actual = torch.from_numpy(actual)[:, :, : PROMPT + STEPS]
         torch.testing.assert_close(actual * written, reference[:, :, : PROMPT + STEPS] * written, atol=1e-4,
                                    rtol=1e-4)
+
+    # the same artifact through export.load: the cache each step returns is copied into the caller's tensors
+    deployment = polar_compile.export.load(tmp_path)
+    # poisoned (finite: slots after the last step stay unwritten, and masked slots must not turn into NaN)
+    loaded_cache = [torch.full_like(c, 1e4) for c in deployment.new_cache()]
+    deployment.prefill(*prompt, mask, loaded_cache)
+    for ids, positions, slot, expected in steps:
+        torch.testing.assert_close(deployment.decode(ids, positions, mask, slot, loaded_cache), expected,
+                                   atol=1e-4, rtol=1e-4)
+    for actual, reference in zip(loaded_cache, cache, strict=True):
+        torch.testing.assert_close(actual[:, :, : PROMPT + STEPS] * written,
+                                   reference[:, :, : PROMPT + STEPS] * written, atol=1e-4, rtol=1e-4)
 
 
 def test_custom_domain_node_is_an_error():

@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 __all__ = ["FORMATS", "CacheStep", "Deployment", "ExportError", "export", "load"]
 
 FORMATS = ("pt2", "aoti", "onnx", "tensorrt")
-_INPUTS = ["input_ids", "position_ids", "attention_mask", "cache_position"]
 
 
 def export(
@@ -65,9 +64,8 @@ def export(
     ``tensorrt`` without ``torch_tensorrt``.
     """
     from ..config import PolarConfig
-    from ..explain import ExplainReport
-    from .artifact import PROGRAMS, write_manifest
-    from .decode_step import cache_names, cache_shape, example_inputs
+    from .artifact import PROGRAMS, manifest_fields, write_manifest
+    from .decode_step import STEP_INPUTS, example_inputs
     from .program import export_decode, export_prefill
 
     if format not in FORMATS:
@@ -94,15 +92,10 @@ def export(
     prefill = export_prefill(model, prefill_inputs, cache_mode)
     for name, program, inputs in (("decode", decode, decode_inputs), ("prefill", prefill, prefill_inputs)):
         _write_program(format, program, inputs, folder / PROGRAMS[name])
-    like = next(model.parameters())
-    layers = len(decode_inputs) - len(_INPUTS)
-    write_manifest(folder, {
-        "format": format, "model_type": model.config.model_type, "batch_size": batch_size,
-        "max_cache_len": max_cache_len, "prefill_len": prefill_len, "num_layers": layers // 2,
-        "cache_shape": list(cache_shape(model, batch_size, max_cache_len)), "dtype": str(like.dtype).split(".")[-1],
-        "device": like.device.type, "cache_mode": cache_mode, "inputs": _INPUTS + cache_names(layers // 2),
-        "sites": str(ExplainReport([records])).splitlines(),
-    })
+    num_layers = (len(decode_inputs) - len(STEP_INPUTS)) // 2
+    write_manifest(folder, manifest_fields(model, format=format, batch_size=batch_size, max_cache_len=max_cache_len,
+                                           prefill_len=prefill_len, num_layers=num_layers, cache_mode=cache_mode,
+                                           records=records))
     return folder
 
 

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ..passes.records import PassRecord
 from .errors import ExportError
 
-__all__ = ["MANIFEST", "Deployment", "load", "read_manifest", "write_manifest"]
+__all__ = ["MANIFEST", "Deployment", "load", "manifest_fields", "read_manifest", "write_manifest"]
 
 MANIFEST = "polar_export.json"
 FORMAT_VERSION = 1
@@ -36,6 +37,23 @@ def write_manifest(folder: Path, fields: dict[str, Any]) -> None:
     """Write the manifest of the artifact in ``folder`` (the format version and the program files added)."""
     manifest = {"format_version": FORMAT_VERSION, "programs": PROGRAMS, "torch": torch.__version__, **fields}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def manifest_fields(model: nn.Module, *, format: str, batch_size: int, max_cache_len: int, prefill_len: int,
+                    num_layers: int, cache_mode: str, records: list[PassRecord]) -> dict[str, Any]:
+    """What the manifest says of an export of ``model``: sizes, the cache's shape, dtype and device, the inputs'
+    names, how the cache travels and the decode step's sites (``records``: its passes' records)."""
+    from ..explain import ExplainReport
+    from .decode_step import cache_shape, input_names
+
+    like = next(model.parameters())
+    return {
+        "format": format, "model_type": model.config.model_type, "batch_size": batch_size,
+        "max_cache_len": max_cache_len, "prefill_len": prefill_len, "num_layers": num_layers,
+        "cache_shape": list(cache_shape(model, batch_size, max_cache_len)), "dtype": str(like.dtype).split(".")[-1],
+        "device": like.device.type, "cache_mode": cache_mode, "inputs": input_names(num_layers),
+        "sites": str(ExplainReport([records])).splitlines(),
+    }
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -81,13 +99,17 @@ class Deployment:
 
 
 def load(folder: str | Path) -> Deployment:
-    """Load the artifact in ``folder`` (``pt2`` or ``aoti``) for running from Python; needs ``import
-    polar_compile`` only (the ``polar::`` ops register on import)."""
+    """Load the artifact in ``folder`` (``pt2``, ``aoti`` or ``onnx``) for running from Python; needs ``import
+    polar_compile`` only (the ``polar::`` ops register on import), and onnxruntime for ``onnx``.
+
+    An ``onnx`` artifact runs in onnxruntime (its available providers, in its order of preference) behind the same
+    in-place interface: each step's returned cache is copied into the given cache tensors, through host memory. A
+    server that keeps the cache in onnxruntime (IO binding) saves those copies."""
     manifest = read_manifest(folder)
-    loaders = {"pt2": _load_pt2, "aoti": _load_aoti}
+    loaders = {"pt2": _load_pt2, "aoti": _load_aoti, "onnx": _load_onnx}
     if manifest["format"] not in loaders:
-        raise ExportError(f"{folder}: a {manifest['format']!r} artifact; load() runs {sorted(loaders)} (run ONNX "
-                          "with onnxruntime, TensorRT with torch_tensorrt)")
+        raise ExportError(f"{folder}: a {manifest['format']!r} artifact; load() runs {sorted(loaders)} (run "
+                          "TensorRT engines with torch_tensorrt)")
     load_program = loaders[manifest["format"]]
     decode, prefill = (load_program(Path(folder) / manifest["programs"][name]) for name in ("decode", "prefill"))
     return Deployment(manifest, decode, prefill)
@@ -105,3 +127,22 @@ def _load_pt2(path: Path) -> Callable[..., Any]:
 
 def _load_aoti(path: Path) -> Callable[..., Any]:
     return torch._inductor.aoti_load_package(str(path))
+
+
+def _load_onnx(path: Path) -> Callable[..., Any]:
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise ExportError(f"{path}: running an ONNX artifact needs onnxruntime: pip install "
+                          "'polar-compile[onnx]'") from error
+    session = onnxruntime.InferenceSession(str(path), providers=onnxruntime.get_available_providers())
+    names = [given.name for given in session.get_inputs()]
+
+    def run(*inputs: Tensor) -> Tensor:
+        feeds = {name: tensor.detach().cpu().numpy() for name, tensor in zip(names, inputs, strict=True)}
+        logits, *cache = session.run(None, feeds)
+        for given, updated in zip(inputs[len(inputs) - len(cache):], cache, strict=True):
+            given.copy_(torch.from_numpy(updated))
+        return torch.from_numpy(logits).to(inputs[0].device)
+
+    return run

@@ -40,7 +40,7 @@ from transformers.cache_utils import StaticLayer
 
 from .errors import ExportError
 
-__all__ = ["CACHE_MODES", "CacheStep", "cache_names", "cache_shape", "example_inputs", "new_cache"]
+__all__ = ["CACHE_MODES", "STEP_INPUTS", "CacheStep", "cache_names", "input_names", "cache_shape", "example_inputs", "new_cache"]
 
 CACHE_MODES = ("inplace", "io")
 
@@ -52,6 +52,14 @@ def cache_shape(model: nn.Module, batch_size: int, max_cache_len: int) -> tuple[
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return batch_size, kv_heads, max_cache_len, head_dim
+
+
+STEP_INPUTS = ("input_ids", "position_ids", "attention_mask", "cache_position")
+
+
+def input_names(num_layers: int) -> list[str]:
+    """Every input's name, in order: the step's four, then the cache's."""
+    return [*STEP_INPUTS, *cache_names(num_layers)]
 
 
 def cache_names(num_layers: int) -> list[str]:

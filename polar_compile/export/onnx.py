@@ -24,25 +24,18 @@ import torch
 from torch import nn
 
 from ..config import PolarConfig
-from ..explain import ExplainReport
-from .artifact import write_manifest
-from .decode_step import cache_names, cache_shape, example_inputs
+from .artifact import manifest_fields, write_manifest
+from .decode_step import STEP_INPUTS, cache_names, example_inputs, input_names
 from .errors import ExportError
 from .program import export_decode, export_prefill
 
-__all__ = ["ONNX_OPSET", "PROGRAMS", "check_standard_onnx", "export_onnx", "input_names",
-           "output_names"]
+__all__ = ["ONNX_OPSET", "PROGRAMS", "check_standard_onnx", "export_onnx", "output_names"]
 
 ONNX_OPSET = 18  # torchlib's opset (torch.onnx's translations of ATen ops, torch 2.11-2.13) and onnx_ops.py's
 PROGRAMS = {"decode": "decode.onnx", "prefill": "prefill.onnx"}
 STANDARD_DOMAINS = ("", "ai.onnx")
 MISSING = ("format='onnx' needs the packages onnx and onnxscript (and onnxruntime to run the result): "
            "pip install 'polar-compile[onnx]'")
-
-
-def input_names(num_layers: int) -> list[str]:
-    """The ONNX models' input names, in order."""
-    return ["input_ids", "position_ids", "attention_mask", "cache_position", *cache_names(num_layers)]
 
 
 def output_names(num_layers: int) -> list[str]:
@@ -64,7 +57,7 @@ def export_onnx(model: nn.Module, *, config: PolarConfig, batch_size: int, max_c
         raise ExportError(f"{MISSING} ({error})") from error
     decode_inputs = example_inputs(model, batch_size, max_cache_len, tokens=1)
     prefill_inputs = example_inputs(model, batch_size, max_cache_len, tokens=prefill_len)
-    num_layers = (len(decode_inputs) - 4) // 2
+    num_layers = (len(decode_inputs) - len(STEP_INPUTS)) // 2
     decode, records = export_decode(model, decode_inputs, config, cache_mode="io")
     prefill = export_prefill(model, prefill_inputs, cache_mode="io")
     for name, program in (("decode", decode), ("prefill", prefill)):
@@ -73,14 +66,10 @@ def export_onnx(model: nn.Module, *, config: PolarConfig, batch_size: int, max_c
             input_names=input_names(num_layers), output_names=output_names(num_layers), verbose=False)
         check_standard_onnx(onnx_program.model_proto, name)
         onnx_program.save(path / PROGRAMS[name])
-    like = next(model.parameters())
     write_manifest(path, {
-        "format": "onnx", "programs": PROGRAMS, "onnx_opset": ONNX_OPSET, "model_type": model.config.model_type,
-        "batch_size": batch_size, "max_cache_len": max_cache_len, "prefill_len": prefill_len,
-        "num_layers": num_layers, "cache_shape": list(cache_shape(model, batch_size, max_cache_len)),
-        "dtype": str(like.dtype).split(".")[-1], "device": like.device.type, "cache_mode": "io",
-        "inputs": input_names(num_layers), "outputs": output_names(num_layers),
-        "sites": str(ExplainReport([records])).splitlines(),
+        **manifest_fields(model, format="onnx", batch_size=batch_size, max_cache_len=max_cache_len,
+                          prefill_len=prefill_len, num_layers=num_layers, cache_mode="io", records=records),
+        "programs": PROGRAMS, "onnx_opset": ONNX_OPSET, "outputs": output_names(num_layers),
     })
     return path
 
