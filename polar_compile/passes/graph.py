@@ -46,6 +46,9 @@ _FUNCTION_TARGETS: dict[str, tuple[Any, ...]] = {
     "pow": (operator.pow, torch.pow, torch.Tensor.pow, aten.pow.Tensor_Scalar),
     "dropout": (F.dropout, aten.dropout.default),
     "getitem": (operator.getitem,),
+    # a tensor cut in pieces (Phi-3's fused gate/up projection, chunked in two)
+    "split": (torch.chunk, torch.split, torch.Tensor.chunk, torch.Tensor.split, aten.chunk.default,
+              aten.split.Tensor, aten.split_with_sizes.default),
     "cat": (torch.cat, aten.cat.default),
     "transpose": (torch.transpose, torch.Tensor.transpose, aten.transpose.int, torch.permute, torch.Tensor.permute,
                   aten.permute.default),
@@ -79,6 +82,8 @@ _METHOD_NAMES: dict[str, str] = {
     "copy_": "write",
     "index_put_": "write",
     "__setitem__": "write",
+    "chunk": "split",
+    "split": "split",
     "to_local": "dtensor",  # tensor parallelism's DTensor wrapping: same values, another layout
     "redistribute": "dtensor",
 }

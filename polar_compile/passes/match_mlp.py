@@ -3,7 +3,8 @@
 A site is a *down* projection whose input is computed, through elementwise ops only, from *up* projection(s):
 - plain: ``down(act(up(x)))`` (OPT's ``fc1 -> relu -> fc2`` on a 2-D flatten, GPT-NeoX's, GPT-2's Conv1D
   ``addmm``s with their views);
-- gated: ``down(act(gate(x)) * up(x))`` (Llama-style; ReLU-fied Llama/Mistral).
+- gated: ``down(act(gate(x)) * up(x))`` (Llama-style; ReLU-fied Llama/Mistral), also with gate and up as the two
+  halves of one fused projection (Phi-3's ``gate_up_proj``, chunked along its output).
 Projections are ``linear``, Conv1D's ``addmm`` and ``matmul`` by a 2-D weight (:func:`.graph.is_projection`). The
 activation is named from the ops between: a bare ``relu`` has exact zeros, which Polar's neuron sparsity needs;
 any other activation (SiLU, GELU, GPT-2's tanh-GELU chain) keeps the site dense with that reason. The site's layer is
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from .graph import bound_args, is_projection, layer_of, op_name, shape_of, static_int
+from .graph import bound_args, is_projection, layer_of, op_name, same_size, shape_of, static_int
 
 __all__ = ["MlpSite", "find_mlp_sites"]
 
@@ -38,6 +39,7 @@ class MlpSite:
     hidden_size: int | None
     ffn_size: int | None
     dense_reason: str | None = None
+    halves: tuple[int, int] | None = None  # fused gate/up (``gate is up``): (gate's half, up's half) of its output
 
     @property
     def is_relu(self) -> bool:
@@ -63,15 +65,25 @@ def _match_site(down: fx.Node) -> MlpSite | None:
     if not ups or len(ups) > 2:
         return None
     layer = layer_of(down)
-    up, gate = ups[0], None
+    up, gate, halves = ups[0], None, None
     activation = _activation(ops)
     if len(ups) == 2:  # gated: the factor with the activation on it is the gate
         up, gate = _split_gate(source, ups)
         if gate is None:
             return None
         activation = _activation(_ops_between(_unviewed(source), gate))
+        if _half_of(up) or _half_of(gate):  # one fused projection, cut in two
+            if not (_half_of(up) and _half_of(gate)) or _half_of(up)[0] is not _half_of(gate)[0]:
+                return None
+            (fused, up_half), (_, gate_half) = _half_of(up), _half_of(gate)
+            up = gate = fused
+            halves = (gate_half, up_half)
+    elif _half_of(up):
+        return None  # half of a projection feeding a plain MLP: not a structure the rewrite knows
+    width = _width(up)
     site = MlpSite(down=down, up=up, gate=gate, activation=activation, layer=layer[1] if layer else None,
-                   layer_module=layer[0] if layer else None, hidden_size=_width(down), ffn_size=_width(up))
+                   layer_module=layer[0] if layer else None, hidden_size=_width(down),
+                   ffn_size=width // 2 if halves and width else width, halves=halves)
     site.dense_reason = _why_dense(site)
     return site
 
@@ -91,7 +103,7 @@ def _projections_above(source: fx.Node) -> tuple[list[fx.Node], list[str]]:
     seen, frontier, projections, ops = {source}, [source], [], []
     while frontier and len(seen) < _SEARCH_LIMIT:
         node = frontier.pop(0)
-        if is_projection(node):
+        if is_projection(node) or _half_of(node):
             projections.append(node)
             continue
         name = op_name(node)
@@ -105,6 +117,30 @@ def _projections_above(source: fx.Node) -> tuple[list[fx.Node], list[str]]:
                 seen.add(parent)
                 frontier.append(parent)
     return projections, ops
+
+
+def _half_of(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """(projection, 0 or 1) when ``node`` is the first or second half, along the last dim, of a projection's output
+    cut in two equal pieces (``chunk(2, -1)``, ``split(width // 2, -1)``): read from the pieces' shapes."""
+    if op_name(node) != "getitem" or len(node.args) != 2 or node.args[1] not in (0, 1):
+        return None
+    pieces_node = node.args[0]
+    if not isinstance(pieces_node, fx.Node) or op_name(pieces_node) != "split":
+        return None
+    projection = pieces_node.args[0]
+    if not isinstance(projection, fx.Node) or not is_projection(projection):
+        return None
+    pieces = pieces_node.meta.get("example_value", pieces_node.meta.get("val"))
+    whole = shape_of(projection)
+    if not isinstance(pieces, (tuple, list)) or len(pieces) != 2 or whole is None or _width(projection) is None:
+        return None
+    width = _width(projection)
+    for piece in pieces:
+        shape = getattr(piece, "shape", ())
+        if (width % 2 or len(shape) != len(whole) or static_int(shape[-1]) != width // 2
+                or not all(same_size(a, b) for a, b in zip(shape[:-1], whole[:-1], strict=True))):
+            return None
+    return projection, node.args[1]
 
 
 def _split_gate(source: fx.Node, ups: list[fx.Node]) -> tuple[fx.Node, fx.Node | None]:

@@ -8,7 +8,8 @@ options' bank) and a k for this step's batch size in the bank's table, the rewri
     h   = polar.gather_up(x2, W_up, b_up, idx)                   # [N, k]   (gated: polar.gather_gated_up)
     out = polar.gather_down(h, W_down^T, b_down, idx)            # [N, hidden], reshaped as the down output
 
-so it computes exactly ``down[:, idx] · act(up[idx] x + b_up[idx]) + b_down``. The up weight is read in its
+so it computes exactly ``down[:, idx] · act(up[idx] x + b_up[idx]) + b_down`` (a fused gate/up projection's weight
+and bias are cut into their two halves of rows first). The up weight is read in its
 ``[ffn, hidden]`` rows and the down weight through a transposed, contiguous copy ``[ffn, hidden]`` (taken from the
 model's tensor when the graph compiles, shared by all graphs of that weight, listed in ``gm.meta[TRANSPOSED_META]``
 so that the backend copies it again, in place, before a call that follows an in-place change of the weight; Conv1D
@@ -45,7 +46,7 @@ TRANSPOSED_META = "polar_transposed_weights"  # gm.meta key: the TransposedWeigh
 _SELECT_ATTENTION = torch.ops.polar.select_attention.default
 # ops of the MLP body the rewrite makes dead (the activation chain, the projections, their views)
 _BODY_OPS = ("linear", "addmm", "matmul", "relu", "activation", "mul", "add", "pow", "tanh", "reshape", "alias",
-             "dropout")
+             "dropout", "getitem", "split")
 
 
 @dataclass(frozen=True)
@@ -148,11 +149,12 @@ class MlpPass:
             w_in, w_out = (self._router_tensor(gm, router, name, value, like)
                            for name, value in (("in", router.w_in), ("out", router.w_out)))
             idx = graph.call_function(torch.ops.polar.mlp_route.default, (rows, w_in, w_out, k))  # [k]
-            up = (self._rows_of(gm, site.up, like), self._bias(gm, site.up, site.ffn_size, like))
+            gate_half, up_half = site.halves or (None, None)
+            up = self._up_operands(gm, site, site.up, up_half, like)
             if site.gate is None:
                 h = graph.call_function(torch.ops.polar.gather_up.default, (rows, *up, idx))  # [N, k]
             else:
-                gate = (self._rows_of(gm, site.gate, like), self._bias(gm, site.gate, site.ffn_size, like))
+                gate = self._up_operands(gm, site, site.gate, gate_half, like)
                 h = graph.call_function(torch.ops.polar.gather_gated_up.default, (rows, *gate, *up, idx))
             w_t = self._columns_of(gm, site.down, like)  # [ffn, d_out]
             out = graph.call_function(torch.ops.polar.gather_down.default,
@@ -191,6 +193,17 @@ class MlpPass:
             return node, operator.attrgetter(str(node.target))(gm), name == "linear"
         return None
 
+    def _up_operands(self, gm: fx.GraphModule, site: MlpSite, projection: fx.Node, half: int | None, like: Tensor
+                     ) -> tuple[fx.Node, fx.Node]:
+        """(weight rows ``[ffn, hidden]``, bias ``[ffn]``) of an up or gate projection; of its ``half`` of the rows
+        when it is a fused gate/up projection."""
+        weight = self._rows_of(gm, projection, like)
+        if half is None:
+            return weight, self._bias(gm, projection, site.ffn_size, like)
+        rows = slice(half * site.ffn_size, (half + 1) * site.ffn_size)
+        return (gm.graph.call_function(operator.getitem, (weight, rows)),
+                self._bias(gm, projection, site.ffn_size, like, rows))
+
     def _rows_of(self, gm: fx.GraphModule, projection: fx.Node, like: Tensor) -> fx.Node:
         """The projection's weight as ``[ffn, hidden]`` rows (an up or gate projection)."""
         node, real, out_in = self._weight(gm, projection)
@@ -212,11 +225,13 @@ class MlpPass:
         gm.meta.setdefault(TRANSPOSED_META, []).append(entry)  # the backend refreshes it before every call
         return graph_constant(gm, name, entry.copy, like)
 
-    def _bias(self, gm: fx.GraphModule, projection: fx.Node, width: int, like: Tensor) -> fx.Node:
+    def _bias(self, gm: fx.GraphModule, projection: fx.Node, width: int, like: Tensor, rows: slice | None = None
+              ) -> fx.Node:
+        """The projection's bias (its ``rows``, when given), or zeros ``[width]`` when it has none."""
         name = op_name(projection)
         bias = bound_args(projection, name).get("bias") if name != "matmul" else None
         if isinstance(bias, fx.Node):
-            return bias
+            return bias if rows is None else gm.graph.call_function(operator.getitem, (bias, rows))
         return gm.graph.call_function(torch.zeros, ((width,),), {"dtype": like.dtype, "device": like.device})
 
 

@@ -18,8 +18,9 @@ RELU = {
     "llama": ({"hidden_act": "relu"}, True, 64),
     "mistral": ({"hidden_act": "relu"}, True, 64),
     "phi": ({"hidden_act": "relu"}, False, 64),
+    "phi3": ({"hidden_act": "relu"}, True, 64),  # gate and up: the two halves of one fused projection
 }
-OTHER = {"llama": "silu", "gpt_neox": "gelu", "gpt2": "add+mul+pow+tanh", "falcon": "gelu"}
+OTHER = {"llama": "silu", "gpt_neox": "gelu", "gpt2": "add+mul+pow+tanh", "falcon": "gelu", "phi3": "silu"}
 
 
 def relu_model(family: str, relu: bool) -> torch.nn.Module:
@@ -83,7 +84,7 @@ def test_prefill_mlps_are_prefill_and_numbers_are_untouched():
         torch.testing.assert_close(step(**driver.decode_inputs(driver.prefill())).logits, expected)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_neox"])  # transformers' exporter fails on OPT's masking
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "phi3"])  # transformers' exporter fails on OPT's masking
 def test_export_graphs_give_the_same_mlp_sites(family):
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 

@@ -1,4 +1,5 @@
-"""The MLP rewrite: decode logits of stock HF ReLU models (OPT, GPT-2's Conv1D, GPT-NeoX, gated Llama) under the
+"""The MLP rewrite: decode logits of stock HF ReLU models (OPT, GPT-2's Conv1D, GPT-NeoX, gated Llama, Phi-3's fused
+gate/up) under the
 polar backend equal the test's own masked reference (``tests/mlp_reference.py``), with routers attached or in the
 options, and follow re-attach, another table and another batch size without a reset."""
 
@@ -17,7 +18,7 @@ from tests.mlp_reference import sparse_mlps
 from tests.models import DecodeDriver
 from tests.passes.test_mlp_match import RELU, relu_model
 
-FAMILIES = ("opt", "gpt2", "gpt_neox", "llama")
+FAMILIES = ("opt", "gpt2", "gpt_neox", "llama", "phi3")
 
 
 def mlp_bank(model, seed=0, first_layer=0, rank=8, topk=None):
@@ -70,6 +71,29 @@ def test_decode_logits_equal_the_masked_reference(family, batch, density, rank, 
     ffn = RELU[family][2]
     assert [(s.layer, s.rewritten, s.kept) for s in report.sites_of("mlp")] == [
         (layer, True, bank.mlp.k_for(layer, batch)) for layer in (0, 1)] and bank.mlp.ffn_size == ffn
+
+
+def test_a_fused_gate_up_projection_with_a_bias_cuts_both_in_halves():
+    """Phi-3's gate_up_proj given a bias (the stock one has none): each half of the bias goes with its half of the
+    weight rows."""
+    model = relu_model("phi3", relu=True)
+    generator = torch.Generator().manual_seed(3)
+    for layer in model.model.layers:
+        fused = layer.mlp.gate_up_proj
+        biased = torch.nn.Linear(fused.in_features, fused.out_features, bias=True)
+        with torch.no_grad():
+            biased.weight.copy_(fused.weight)
+            biased.bias.copy_(torch.randn(fused.out_features, generator=generator) * 0.5)
+        layer.mlp.gate_up_proj = biased
+    bank = mlp_bank(model, seed=3, topk={4: 0.3})
+    driver = driver_for(model, 2, seed=3)
+    expected, gap = reference(model, "phi3", bank.mlp, driver)
+    assert gap > 1e-6
+    torch._dynamo.reset()
+    torch.testing.assert_close(polar_logits(compiled(model, {"routers": bank}), driver), expected, rtol=1e-4,
+                               atol=1e-4)
+    report = polar_compile.explain(model, **driver.decode_inputs(driver.prefill()), options={"routers": bank})
+    assert [s.rewritten for s in report.sites_of("mlp")] == [True, True]
 
 
 def test_every_neuron_kept_is_the_dense_model():
