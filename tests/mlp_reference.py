@@ -17,6 +17,7 @@ _MLP_MODULES = {
     "llama": lambda layer: (layer.mlp.up_proj, layer.mlp.down_proj),
     "mistral": lambda layer: (layer.mlp.up_proj, layer.mlp.down_proj),
     "phi3": lambda layer: (layer.mlp.gate_up_proj, layer.mlp.down_proj),
+    "falcon": lambda layer: (layer.mlp.dense_h_to_4h, layer.mlp.dense_4h_to_h),
 }
 
 

@@ -51,7 +51,7 @@ _FUNCTION_TARGETS: dict[str, tuple[Any, ...]] = {
               aten.split.Tensor, aten.split_with_sizes.default),
     "cat": (torch.cat, aten.cat.default),
     "transpose": (torch.transpose, torch.Tensor.transpose, aten.transpose.int, torch.permute, torch.Tensor.permute,
-                  aten.permute.default),
+                  aten.permute.default, torch.t, torch.Tensor.t, aten.t.default),
     "slice": (aten.slice.Tensor,),
     "alias": (aten.alias.default, torch.Tensor.contiguous, aten.contiguous.default, aten.clone.default),
     # in-place writes into a tensor (KV-cache updates); the written value is the last tensor argument

@@ -186,11 +186,14 @@ class MlpPass:
         node = bound_args(projection, name).get("weight" if name != "matmul" else "other")
         if not isinstance(node, fx.Node):
             return None
+        out_in = name == "linear"
+        if name == "matmul" and _transpose_of(node) is not None:  # Falcon: x @ weight.T, a linear of weight
+            node, out_in = _transpose_of(node), True
         if node.op == "placeholder":
             real = self.inputs.get(node)
-            return node, real if isinstance(real, Tensor) else None, name == "linear"
+            return node, real if isinstance(real, Tensor) else None, out_in
         if node.op == "get_attr":  # a dotted path in export graphs ("model.layers.1.mlp.down_proj.weight")
-            return node, operator.attrgetter(str(node.target))(gm), name == "linear"
+            return node, operator.attrgetter(str(node.target))(gm), out_in
         return None
 
     def _up_operands(self, gm: fx.GraphModule, site: MlpSite, projection: fx.Node, half: int | None, like: Tensor
@@ -246,6 +249,19 @@ def _check_router_fits(site: MlpSite, router: MlpRouter) -> None:
         )
 
 
+def _transpose_of(node: fx.Node) -> fx.Node | None:
+    """``w`` when ``node`` is the transpose of a 2-D graph input or attribute ``w`` (``w.T`` in Dynamo graphs,
+    ``permute`` / ``t`` in export graphs), else None."""
+    attribute_t = node.op == "call_function" and node.target is getattr and node.args[1:] == ("T",)
+    if not attribute_t and op_name(node) != "transpose":
+        return None
+    base = node.args[0]
+    shape = shape_of(base)
+    if not isinstance(base, fx.Node) or base.op not in ("placeholder", "get_attr") or shape is None or len(shape) != 2:
+        return None
+    return base
+
+
 def _projection_input(projection: fx.Node) -> fx.Node:
     return bound_args(projection, op_name(projection)).get("input")
 
@@ -268,7 +284,7 @@ def _rows(site: MlpSite, hint: bool = False) -> int | None:
 
 def _erase_dead_body(graph: fx.Graph, node: Any) -> None:
     """Erase ``node`` and what only it used, as far as the MLP body goes (projections, activation, views)."""
-    if not isinstance(node, fx.Node) or node.users or op_name(node) not in _BODY_OPS:
+    if not isinstance(node, fx.Node) or node.users or (op_name(node) not in _BODY_OPS and _transpose_of(node) is None):
         return
     parents = node.all_input_nodes
     graph.erase_node(node)

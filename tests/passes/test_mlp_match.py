@@ -19,6 +19,7 @@ RELU = {
     "mistral": ({"hidden_act": "relu"}, True, 64),
     "phi": ({"hidden_act": "relu"}, False, 64),
     "phi3": ({"hidden_act": "relu"}, True, 64),  # gate and up: the two halves of one fused projection
+    "falcon": ({"activation": "relu"}, False, 128),  # projections are x @ weight.T
 }
 OTHER = {"llama": "silu", "gpt_neox": "gelu", "gpt2": "add+mul+pow+tanh", "falcon": "gelu", "phi3": "silu"}
 

@@ -1,5 +1,5 @@
 """The MLP rewrite: decode logits of stock HF ReLU models (OPT, GPT-2's Conv1D, GPT-NeoX, gated Llama, Phi-3's fused
-gate/up) under the
+gate/up, Falcon's x @ weight.T) under the
 polar backend equal the test's own masked reference (``tests/mlp_reference.py``), with routers attached or in the
 options, and follow re-attach, another table and another batch size without a reset."""
 
@@ -18,7 +18,7 @@ from tests.mlp_reference import sparse_mlps
 from tests.models import DecodeDriver
 from tests.passes.test_mlp_match import RELU, relu_model
 
-FAMILIES = ("opt", "gpt2", "gpt_neox", "llama", "phi3")
+FAMILIES = ("opt", "gpt2", "gpt_neox", "llama", "phi3", "falcon")
 
 
 def mlp_bank(model, seed=0, first_layer=0, rank=8, topk=None):
@@ -175,7 +175,8 @@ def test_k_past_the_break_even_stays_dense_with_the_reason(monkeypatch):
     assert seen == [("cpu", 2, 3 * 32 * 64 * 4)] * 2
 
 
-@pytest.mark.parametrize("family", ["opt", "gpt2"])  # the transposed copy: OPT's down weight, GPT-2's up weight
+# the transposed copy: OPT's and Falcon's down weight (Falcon's read through its graph's weight.T), GPT-2's up weight
+@pytest.mark.parametrize("family", ["opt", "gpt2", "falcon"])
 def test_weights_changed_in_place_after_compiling_are_read_by_the_next_call(family):
     model = relu_model(family, relu=True)
     bank = mlp_bank(model, first_layer=0, topk={2: 0.5})
