@@ -29,10 +29,13 @@ from tests.calib_models import (
 from tests.models import attention_modules, tiny_model
 
 
-def reference_nll(model, windows, method, density, bank=None):
-    """Per-token NLL with a pre-hook on each gated layer's output projection zeroing the dropped units' heads."""
+def reference_nll(model, windows, method, density, bank=None, tp=1):
+    """Per-token NLL with a pre-hook on each gated layer's output projection zeroing the dropped units' heads; with
+    ``tp`` > 1 the units are split into ``tp`` blocks (tensor-parallel ranks), each keeping its own top-k. Scores in
+    float64."""
     shape = ModelShape.of(model)
-    group, k = shape.num_heads // shape.num_kv_heads, kept_units(density, shape.num_kv_heads)
+    group, local = shape.num_heads // shape.num_kv_heads, shape.num_kv_heads // tp
+    k = kept_units(density, local)
     router_inputs, handles = {}, []
     for layer, (q_proj, o_proj) in enumerate(attention_modules(model)):
         if layer == 0:
@@ -44,11 +47,14 @@ def reference_nll(model, windows, method, density, bank=None):
         def gate(module, args, layer=layer):
             heads = args[0].unflatten(-1, (shape.num_heads, -1))  # [B, T, H, D]
             if method == "oracle":
-                scores = heads.norm(dim=-1).unflatten(-1, (-1, group)).sum(-1)  # [B, T, units]
+                scores = heads.double().norm(dim=-1).unflatten(-1, (-1, group)).sum(-1)  # [B, T, units]
             else:
-                scores = router_inputs[layer] @ bank.weights[layer].T + bank.biases[layer]
-            keep = torch.zeros_like(scores).scatter(-1, scores.topk(k, dim=-1).indices, 1.0)
-            return (heads * keep.repeat_interleave(group, -1)[..., None]).flatten(-2)
+                scores = router_inputs[layer].double() @ bank.weights[layer].double().T + bank.biases[layer].double()
+            keep = torch.zeros_like(scores)
+            for rank in range(tp):
+                block = scores[..., rank * local : (rank + 1) * local]
+                keep[..., rank * local : (rank + 1) * local].scatter_(-1, block.topk(k, dim=-1).indices, 1.0)
+            return (heads * keep.repeat_interleave(group, -1)[..., None].to(heads.dtype)).flatten(-2)
 
         handles += [q_proj.register_forward_pre_hook(save_x), o_proj.register_forward_pre_hook(gate)]
     with torch.no_grad():

@@ -1,54 +1,20 @@
 """``eval --tp N``: per-rank selection simulated on one device equals zeroing, per token, every rank's units outside
-its own top-k (a reference written here, float64 scores), and the report shows it beside single-device routing."""
+its own top-k (tests/test_evaluate.py's reference with tp blocks, float64 scores), and the report shows it beside
+single-device routing."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from polar_compile.evaluate import Evaluator, Sparsity, evaluate, format_report
-from polar_compile.routers import ModelShape, kept_units
 from polar_compile.testing import random_routers
 from tests.calib_models import random_windows
-from tests.models import TinySpec, attention_modules, tiny_model
+from tests.models import TinySpec, tiny_model
+from tests.test_evaluate import reference_nll
 
 GQA = TinySpec("llama", heads=8, kv_heads=4, head_dim=8, layers=3)  # 2 KV groups per rank at TP=2
 MHA = TinySpec("opt", heads=8, kv_heads=8, head_dim=8, layers=3, bias=True)
-
-
-def per_rank_nll(model, windows, bank, density, tp, method="routers"):
-    """Per-token NLL with each gated layer's units split into ``tp`` blocks, each keeping its own top-k."""
-    shape = ModelShape.of(model)
-    units, group = shape.num_kv_heads, shape.num_heads // shape.num_kv_heads
-    local = units // tp
-    k = kept_units(density, local)
-    router_inputs, handles = {}, []
-    for layer, (q_proj, o_proj) in enumerate(attention_modules(model)):
-        if layer not in bank.weights:
-            continue
-
-        def save_x(module, args, layer=layer):
-            router_inputs[layer] = args[0]
-
-        def gate(module, args, layer=layer):
-            heads = args[0].unflatten(-1, (shape.num_heads, -1))  # [B, T, H, D]
-            if method == "oracle":
-                scores = heads.double().norm(dim=-1).unflatten(-1, (-1, group)).sum(-1)  # [B, T, units]
-            else:
-                scores = router_inputs[layer].double() @ bank.weights[layer].double().T + bank.biases[layer].double()
-            keep = torch.zeros_like(scores)
-            for rank in range(tp):
-                block = scores[..., rank * local : (rank + 1) * local]
-                keep[..., rank * local : (rank + 1) * local].scatter_(-1, block.topk(k, dim=-1).indices, 1.0)
-            return (heads * keep.repeat_interleave(group, -1)[..., None].to(heads.dtype)).flatten(-2)
-
-        handles += [q_proj.register_forward_pre_hook(save_x), o_proj.register_forward_pre_hook(gate)]
-    with torch.no_grad():
-        logits = model(input_ids=windows[:, :-1], use_cache=False).logits
-    for handle in handles:
-        handle.remove()
-    return F.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none")
 
 
 @pytest.mark.parametrize("spec", [GQA, MHA], ids=["gqa", "mha"])
@@ -59,7 +25,7 @@ def test_per_rank_selection_matches_reference(spec, method):
     windows = random_windows(3, 12)
     evaluator = Evaluator(model, bank, progress=False)
     nll = evaluator.token_nll(windows, evaluator.sparsity(method, 0.5, tp=2))
-    torch.testing.assert_close(nll, per_rank_nll(model, windows, bank, 0.5, 2, method), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(nll, reference_nll(model, windows, method, 0.5, bank, tp=2), atol=1e-4, rtol=1e-4)
     # per rank differs from a global top-k on these random routers (else the test would show nothing)
     assert not torch.allclose(nll, evaluator.token_nll(windows, evaluator.sparsity(method, 0.5)))
 
