@@ -256,8 +256,11 @@ def _transpose_of(node: fx.Node) -> fx.Node | None:
     if not attribute_t and op_name(node) != "transpose":
         return None
     base = node.args[0]
-    shape = shape_of(base)
-    if not isinstance(base, fx.Node) or base.op not in ("placeholder", "get_attr") or shape is None or len(shape) != 2:
+    if not isinstance(base, fx.Node) or base.op not in ("placeholder", "get_attr"):
+        return None
+    value, weight = fake_value(node), fake_value(base)
+    # a real transpose swaps the strides (an identity permute does not; shapes can't tell a square weight's apart)
+    if value is None or weight is None or weight.dim() != 2 or value.stride() != weight.stride()[::-1]:
         return None
     return base
 
