@@ -169,7 +169,8 @@ def main() -> None:
               f"between the k-th and (k+1)-th router score {min(gaps, default=float('nan')):.3g}, {near_ties} of "
               f"{len(gaps)} layer-steps below 1e-5")
         print(repr(tokenizer.decode(compiled[0], skip_special_tokens=True)))
-    dist.destroy_process_group()
+    if not cuda:  # NCCL's teardown hangs once CUDA graphs captured its collectives (pytorch/pytorch#115388)
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -43,7 +43,11 @@ def _spawn(check: Callable[..., None], *args: object) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_rank_main, args=(check, port, args), nprocs=WORLD, join=True)
+    # CPU ranks (gloo) on any host: the ranks start with no GPU visible, or transformers' TP loading would place
+    # the model on the accelerator
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CUDA_VISIBLE_DEVICES", "")
+        mp.spawn(_rank_main, args=(check, port, args), nprocs=WORLD, join=True)
 
 
 def _rank_main(rank: int, check: Callable[..., None], port: int, args: tuple) -> None:
