@@ -1,13 +1,16 @@
 """Does loading an AOTInductor package work on this GPU stack at all? Compiles and loads one package of
-``--which``: ``dense`` (a 2-layer Llama-2-7B-shaped prefill, no polar op), ``route`` (one ``polar::route``) or
-``triton`` (one tiny ``triton_op`` unrelated to polar), printing "compiled" and "loaded" as it gets there. Run each in
-its own process, with faulthandler, on a CUDA machine:
+``--which``: ``linear`` (one ``nn.Linear``: no custom op, no Triton kernel), ``dense`` (a 2-layer
+Llama-2-7B-shaped prefill, no polar op), ``route`` (one ``polar::route``) or ``triton`` (one tiny ``triton_op``
+unrelated to polar), on ``--device``, printing "compiled", "loaded" and "ran" as it gets there. ``--fresh-process``
+loads the package in a new interpreter (no Inductor state from the compile). Run each in its own process, with
+faulthandler, on a CUDA machine:
 
-    for w in triton route dense; do python -X faulthandler benchmarks/aoti_load_probe.py --which $w; done
+    for w in linear triton route dense; do python -X faulthandler benchmarks/aoti_load_probe.py --which $w; done
 """
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -47,8 +50,12 @@ class AddOne(torch.nn.Module):
         return add_one(x)
 
 
-def program(which: str):
+def program(which: str, device: str):
     """(exported program, its inputs) of ``which``."""
+    if which == "linear":
+        linear = torch.nn.Linear(64, 32, device=device)
+        args = (torch.randn(8, 64, device=device),)
+        return torch.export.export(linear, args), args
     if which == "dense":
         model = export_aoti.build("llama2-7b", 2)
         inputs = export_aoti.decode_inputs(model, 8, 512)
@@ -63,14 +70,22 @@ def program(which: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--which", choices=["dense", "route", "triton"], required=True)
+    parser.add_argument("--which", choices=["linear", "dense", "route", "triton"], required=True)
+    parser.add_argument("--device", default="cuda", help="linear only: where the Linear lives")
     parser.add_argument("--device-index", type=int, default=-1, help="aoti_load_package's device_index")
+    parser.add_argument("--fresh-process", action="store_true", help="load and run in a new interpreter")
     args = parser.parse_args()
     which = args.which
-    exported, inputs = program(which)
+    exported, inputs = program(which, args.device)
     path = os.path.join(tempfile.mkdtemp(), f"{which}.pt2")
     compile_aoti(exported, path)
     print(which, "compiled", flush=True)
+    if args.fresh_process:
+        torch.save(inputs, path + ".inputs")
+        code = (f"import torch, polar_compile; r = torch._inductor.aoti_load_package({path!r}, "
+                f"device_index={args.device_index}); print('loaded', flush=True); "
+                f"r(*torch.load({path + '.inputs'!r})); print('ran', flush=True)")
+        sys.exit(subprocess.run([sys.executable, "-X", "faulthandler", "-c", code]).returncode)
     runner = torch._inductor.aoti_load_package(path, device_index=args.device_index)
     print(which, "loaded", flush=True)
     with torch.no_grad():
