@@ -14,6 +14,7 @@ attention features are memory-mapped on disk: ``--samples`` x hidden x 2 bytes p
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 
@@ -49,10 +50,12 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     print(f"{args.shape}: {config.num_hidden_layers} layers, {model_bytes / 2**30:.2f} GiB of weights ({dtype}), "
           f"{args.tokens} tokens, {args.samples} attention samples per layer, on {args.device}", flush=True)
+    if args.cache_dir:
+        os.makedirs(args.cache_dir, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=args.cache_dir) as cache_dir:
         bank = polar_compile.calibrate(model, ids, tokens=args.tokens, samples=args.samples, cache_dir=cache_dir,
-                                       batch_size=args.batch_size, mlp_rank=mlp_rank, progress=False)
+                                       batch_size=args.batch_size, mlp_rank=mlp_rank, progress=True)
     seconds = time.perf_counter() - start
     print(f"calibrate: {seconds / 60:.1f} min ({seconds:.0f} s)")
     if args.device == "cuda":
