@@ -281,11 +281,12 @@ def _partials(splits: int, parts: int, rows: int, cols: int, device: torch.devic
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
-def _counters(splits: int, grid: tuple, config: GatherConfig, device: torch.device) -> tuple[Tensor, bool]:
+def _counters(splits: int, grid: tuple, config: GatherConfig, part: Tensor) -> tuple[Tensor, bool]:
     """(the per-tile arrival counters, whether the kernel finishes the splits itself): zeros for every output tile
-    of ``grid`` when ``config.fixup`` and there are several splits."""
-    fixup = config.fixup and splits > 1
-    return torch.zeros(grid[0] * grid[1] if fixup else 1, dtype=torch.int32, device=device), fixup
+    of ``grid`` when ``config.fixup`` and there are several splits; else ``part`` stands in, unread (no memset)."""
+    if config.fixup and splits > 1:
+        return torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=part.device), True
+    return part, False
 
 
 def gather_up_triton(
@@ -314,7 +315,7 @@ def gather_up_triton(
     part = _partials(splits, 2 if gated else 1, rows, k, x.device)
     dot_dtype, dot_precision = dot_types(x.dtype, x.device)
     grid = (triton.cdiv(rows, config.block_n), triton.cdiv(k, config.block_c), splits)
-    counter, fixup = _counters(splits, grid, config, x.device)
+    counter, fixup = _counters(splits, grid, config, part)
     wrap_triton(_gather_up_kernel)[grid](
         x, w, b, w_up, b_up, idx, out, part, counter,
         rows, d, ffn, k, split_len,
@@ -351,7 +352,7 @@ def gather_down_triton(
     part = _partials(splits, 1, rows, d_out, h.device)
     dot_dtype, dot_precision = dot_types(h.dtype, h.device)
     grid = (triton.cdiv(rows, config.block_n), triton.cdiv(d_out, config.block_c), splits)
-    counter, fixup = _counters(splits, grid, config, h.device)
+    counter, fixup = _counters(splits, grid, config, part)
     wrap_triton(_gather_down_kernel)[grid](
         h, w_t, b, idx, out, part, counter,
         rows, k, ffn, d_out, split_len,
