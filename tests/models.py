@@ -174,27 +174,31 @@ def gated_heads(model: nn.Module, bank, density: float) -> Iterator[None]:
 
 @contextmanager
 def gated_attention(pairs: list[tuple[nn.Module, nn.Module]], bank, density: float, heads: int,
-                    units: int) -> Iterator[None]:
+                    units: int, ranks: int = 1) -> Iterator[None]:
     """:func:`gated_heads` on explicit per-layer (query projection, output projection) pairs (bank layer ``i`` =
     ``pairs[i]``): float64 scores ``x @ W.T + b`` on the query projection's input, top
-    ``max(1, round(density * units))`` per sequence, the other units' heads zeroed at decode steps."""
+    ``max(1, round(density * units))`` per sequence, the other units' heads zeroed at decode steps. With ``ranks``
+    (tensor parallelism's per-rank routing), each of the ``ranks`` consecutive blocks of ``units / ranks`` units
+    keeps its own top ``max(1, round(density * units / ranks))``."""
+    local = units // ranks
+    keep = max(1, round(density * local))
     captured, handles = {}, []
     for layer, (q_proj, o_proj) in enumerate(pairs):
         if layer not in bank.weights:
             continue
         weight, bias = bank.weights[layer].double(), bank.biases[layer].double()
-        keep = max(1, round(density * units))
 
         def capture(module, args, layer=layer):
             captured[layer] = args[0]
 
-        def gate(module, args, layer=layer, weight=weight, bias=bias, keep=keep):
+        def gate(module, args, layer=layer, weight=weight, bias=bias):
             z = args[0]  # [B, T, H * D]
             if z.shape[1] != 1:
                 return None  # prefill stays dense
             x = captured[layer].double()
             scores = x @ weight.to(x.device).T + bias.to(x.device)  # [B, 1, units]
-            chosen = torch.zeros_like(scores).scatter(-1, scores.topk(keep, dim=-1).indices, 1.0)
+            blocks = scores.unflatten(-1, (ranks, local))  # [B, 1, ranks, units / ranks]
+            chosen = torch.zeros_like(blocks).scatter(-1, blocks.topk(keep, dim=-1).indices, 1.0).flatten(-2)
             head_mask = chosen.repeat_interleave(heads // units, dim=-1)  # [B, 1, H]
             z = z.view(*z.shape[:-1], heads, -1) * head_mask[..., None].to(z.dtype)
             return (z.flatten(-2),)

@@ -13,8 +13,7 @@ import copy
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,7 @@ from polar_compile.passes.graph import PRIM_DTENSOR_NAMES, op_name
 from polar_compile.routers import RouterBankError
 from polar_compile.testing import random_routers
 
-from .models import VOCAB, TinySpec, attention_modules, tiny_model
+from .models import VOCAB, TinySpec, attention_modules, gated_attention, tiny_model
 
 WORLD = 2
 BATCH, PROMPT, STEPS = 3, 5, 3
@@ -70,41 +69,6 @@ def _mesh() -> object:
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh("cpu", (WORLD,))
-
-
-@contextmanager
-def per_rank_gating(model: nn.Module, bank, density: float, heads: int, units: int) -> Iterator[None]:
-    """On the unsharded ``model``: at decode steps, each of the WORLD ranks' blocks of ``units / WORLD`` units keeps
-    its own top ``max(1, round(density * units / WORLD))`` by float64 router scores; other heads are zeroed."""
-    local = units // WORLD
-    keep = max(1, round(density * local))
-    captured, handles = {}, []
-    for layer, (q_proj, o_proj) in enumerate(attention_modules(model)):
-        if layer not in bank.weights:
-            continue
-        weight, bias = bank.weights[layer].double(), bank.biases[layer].double()
-
-        def capture(module, args, layer=layer):
-            captured[layer] = args[0]
-
-        def gate(module, args, layer=layer, weight=weight, bias=bias):
-            z = args[0]  # [B, 1, H * D]
-            if z.shape[1] != 1:
-                return None
-            scores = captured[layer].double() @ weight.T + bias  # [B, 1, units]
-            chosen = torch.zeros_like(scores)
-            for rank in range(WORLD):
-                block = scores[..., rank * local : (rank + 1) * local]
-                chosen[..., rank * local : (rank + 1) * local].scatter_(-1, block.topk(keep, dim=-1).indices, 1.0)
-            head_mask = chosen.repeat_interleave(heads // units, dim=-1)  # [B, 1, H]
-            return ((z.view(*z.shape[:-1], heads, -1) * head_mask[..., None].to(z.dtype)).flatten(-2),)
-
-        handles += [q_proj.register_forward_pre_hook(capture), o_proj.register_forward_pre_hook(gate)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _decode(model: nn.Module, step: Callable[..., object]) -> list[torch.Tensor]:
@@ -193,7 +157,7 @@ def _check_tp(model: nn.Module, reference: nn.Module, bank, *, inductor: bool = 
     ``torch_211``, every graph is first turned into the form torch 2.11's Dynamo records (:func:`as_torch_211_graph`).
     """
     shape = bank.shape
-    with per_rank_gating(reference, bank, 0.5, shape.num_heads, shape.num_kv_heads):
+    with gated_attention(attention_modules(reference), bank, 0.5, shape.num_heads, shape.num_kv_heads, WORLD):
         expected = _decode(reference, reference)
     dense = _decode(model, model)
 

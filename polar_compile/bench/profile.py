@@ -56,9 +56,12 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
-def kernel_breakdown(step: DecodeStep, fn: Callable[..., Any], steps: int = 5) -> dict[str, float]:
-    """GPU seconds per step in each of :data:`KERNEL_CATEGORIES` (:func:`kernel_category`), while ``fn`` runs
-    ``steps`` back-to-back decode steps under the profiler (kernels inside CUDA graphs included)."""
+def kernel_breakdown(step: DecodeStep, fn: Callable[..., Any], steps: int = 5, *,
+                     category: Callable[[str], str] = kernel_category,
+                     categories: tuple[str, ...] = KERNEL_CATEGORIES) -> dict[str, float]:
+    """GPU seconds per step in each of ``categories`` (by ``category`` of the kernel's name; a name outside them
+    counts as ``other``), while ``fn`` runs ``steps`` back-to-back decode steps under the profiler (kernels inside
+    CUDA graphs included)."""
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -66,9 +69,10 @@ def kernel_breakdown(step: DecodeStep, fn: Callable[..., Any], steps: int = 5) -
             step.reset()
             fn(**step.inputs)
         torch.cuda.synchronize()
-    seconds = dict.fromkeys(KERNEL_CATEGORIES, 0.0)
+    seconds = dict.fromkeys(categories, 0.0)
     for event in prof.key_averages():
-        seconds[kernel_category(event.key)] += event.self_device_time_total / 1e6 / steps
+        name = category(event.key)
+        seconds[name if name in seconds else "other"] += event.self_device_time_total / 1e6 / steps
     return seconds
 
 

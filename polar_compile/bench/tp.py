@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from ..distributed import parallelize
 from ..testing import random_routers
-from .profile import Row, ideal_speedup, kernel_category
+from .profile import Row, ideal_speedup, kernel_breakdown, kernel_category
 from .shapes import SHAPES, Case, layers_that_fit
 from .step import DecodeStep, full_compiles
 from .variants import BASELINE, compile_variant
@@ -55,20 +55,13 @@ def tp_mesh(tp: int) -> Any:
 
 
 def tp_breakdown(step: DecodeStep, fn: Callable[..., Any], steps: int = 5) -> dict[str, float]:
-    """GPU seconds per step by :data:`TP_CATEGORIES` on this rank: :func:`~.profile.kernel_category`, with NCCL
+    """GPU seconds per step by :data:`TP_CATEGORIES` on this rank: :func:`~.profile.kernel_breakdown`, with NCCL
     kernels as ``collectives`` (they count as ``other`` there)."""
-    from torch.profiler import ProfilerActivity, profile
+    return kernel_breakdown(step, fn, steps, category=_tp_category, categories=TP_CATEGORIES)
 
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step.reset()
-            fn(**step.inputs)
-        torch.cuda.synchronize()
-    seconds = dict.fromkeys(TP_CATEGORIES, 0.0)
-    for event in prof.key_averages():
-        category = "collectives" if "nccl" in event.key.lower() else kernel_category(event.key)
-        seconds[category if category in seconds else "other"] += event.self_device_time_total / 1e6 / steps
-    return seconds
+
+def _tp_category(name: str) -> str:
+    return "collectives" if "nccl" in name.lower() else kernel_category(name)
 
 
 def tp_sites(step: DecodeStep, model: Any) -> dict[str, Any]:
