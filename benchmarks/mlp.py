@@ -8,13 +8,11 @@ density, with k = round(density * ffn) neurons idx (random, sorted as polar::mlp
 
     dense: F.linear(F.relu(F.linear(x, W1, b1)), W2, b2)                       cuBLAS, bias in the GEMM epilogue
     polar: gather_down(gather_up(x, W1, b1, idx), W2^T, b2, idx)               torch.ops.polar (Triton on CUDA)
-    fixup: polar's kernels with GatherConfig.fixup: a split tile's last program sums the splits (no second launch)
     routed: idx = mlp_route(x, W_in, W_out, k), then polar                   + the MLP router, rank r from
                                                                              calibrate_mlp.auto_rank (3% rule)
 
-Check first: polar's and fixup's outputs must match the dense math on the same neurons,
-F.linear(relu(F.linear(x, W1[idx], b1[idx])), W2[:, idx], b2) -- at density 1.0 that is the dense MLP's own
-output -- or the script stops.
+Check first: polar's output must match the dense math on the same neurons, F.linear(relu(F.linear(x, W1[idx],
+b1[idx])), W2[:, idx], b2) -- at density 1.0 that is the dense MLP's own output -- or the script stops.
 
 Timing (as benchmarks/attention.py): each method runs inside one CUDA graph that calls it once per input set; the
 sets are fresh N(0, 1) weights, x and idx, enough of them that one replay of polar at the lowest density reads
@@ -37,12 +35,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import polar_compile.ops  # noqa: F401  (registers polar::gather_up, polar::gather_down)
 from polar_compile.calibrate_mlp import auto_rank
 from polar_compile.instrument_mlp import MlpInfo
-from polar_compile.kernels.gather_gemm import (
-    gather_down_config,
-    gather_down_triton,
-    gather_up_config,
-    gather_up_triton,
-)
 
 MODELS = {"opt-6.7b": (4096, 16384), "opt-66b": (9216, 36864)}  # (d, ffn)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -70,33 +62,23 @@ def polar(s):
     return torch.ops.polar.gather_down(h, s["w2t"], s["b2"], s["idx"])
 
 
-def polar_fixup(s):
-    x, idx = s["x"], s["idx"]
-    (rows, d), k = x.shape, idx.shape[0]
-    up = gather_up_config(rows, d, k, False, x.dtype, x.device)._replace(fixup=True)
-    h = gather_up_triton(x, s["w1"], s["b1"], idx, config=up)
-    down = gather_down_config(rows, k, s["w2t"].shape[1], x.dtype, x.device)._replace(fixup=True)
-    return gather_down_triton(h, s["w2t"], s["b2"], idx, config=down)
-
-
 def routed(s):
     idx = torch.ops.polar.mlp_route(s["x"], s["w_in"], s["w_out"], s["idx"].shape[0])
     h = torch.ops.polar.gather_up(s["x"], s["w1"], s["b1"], idx)
     return torch.ops.polar.gather_down(h, s["w2t"], s["b2"], idx)
 
 
-def check(s, density, method):
-    """``method`` (polar or polar_fixup) against the dense math on the selected neurons; raises on a mismatch."""
+def check(s, density):
+    """polar against the dense math on the selected neurons; raises on a mismatch."""
     idx = s["idx"]
     if density == 1.0:
         expected = dense(s)
     else:
         expected = F.linear(F.relu(F.linear(s["x"], s["w1"][idx], s["b1"][idx])), s["w2"][:, idx], s["b2"])
-    got = method(s)
+    got = polar(s)
     error = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
     if not error < TOLERANCE[got.dtype] or got.shape != expected.shape:
-        raise AssertionError(f"{method.__name__} differs from dense math: relative error {error:.3g} "
-                             f"(shape {tuple(got.shape)})")
+        raise AssertionError(f"polar differs from dense math: relative error {error:.3g} (shape {tuple(got.shape)})")
     return error
 
 
@@ -121,7 +103,7 @@ def time_us(fn, sets):
 
 def run(models, dtypes, batches, densities, log):
     header = ("| model | dtype | B | density | k | dense µs | polar µs | speedup | dense TB/s | polar TB/s | "
-              "check rel err | routed µs | routed speedup | fixup µs | fixup speedup |")
+              "check rel err | routed µs | routed speedup |")
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     for line in rows:
         log(line)
@@ -144,14 +126,13 @@ def run(models, dtypes, batches, densities, log):
                     k = round(density * ffn)
                     for s in mlps:
                         s["idx"] = torch.randperm(ffn, device="cuda")[:k].sort().values
-                    error = max(check(s, density, method) for s in mlps for method in (polar, polar_fixup))
+                    error = max(check(s, density) for s in mlps)
                     polar_us = time_us(polar, mlps)
                     routed_us = time_us(routed, mlps)
-                    fixup_us = time_us(polar_fixup, mlps)
                     line = (f"| {model} | {dtype_name} | {batch} | {density} | {k} | {dense_us:.1f} | {polar_us:.1f} | "
                             f"{dense_us / polar_us:.2f}x | {2 * ffn * d * size / dense_us / 1e6:.2f} | "
                             f"{2 * k * d * size / polar_us / 1e6:.2f} | {error:.1e} | {routed_us:.1f} | "
-                            f"{dense_us / routed_us:.2f}x | {fixup_us:.1f} | {dense_us / fixup_us:.2f}x |")
+                            f"{dense_us / routed_us:.2f}x |")
                     rows.append(line)
                     log(line)
             del mlps

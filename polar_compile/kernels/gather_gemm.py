@@ -19,10 +19,8 @@ contiguous). Algorithm:
    idx[j] of w_t over its columns (contiguous, so coalesced):  acc += h[:, chunk] @ w_t[idx[chunk], columns].
 3. With one split a program finishes its own tile: bias (gathered through idx for up), ReLU (times up for gated),
    cast, store. With several (too few tiles to keep the SMs streaming: small k, narrow d_out) each program stores
-   its fp32 partial tile; then the splits are summed in split order (the same bits every run) and finished
-   (``_sum_splits``) either by ``_finish_kernel``, a second launch with grid (row blocks, column blocks), or, with
-   ``GatherConfig.fixup``, by the tile's last-arriving program: each program counts itself in the tile's counter
-   (an acquire-release atomic, after its partial store) and the one that counts last finishes the tile.
+   its fp32 partial tile and ``_finish_kernel``, grid (row blocks, column blocks), sums the splits in split order
+   (the same bits every run) and finishes.
 
 Every output element is written by exactly one program. Indices must be in [0, ffn): others read zero weights
 and bias instead of memory out of bounds. Grid and workspace depend on shapes only: no host sync, CUDA-graph
@@ -58,19 +56,18 @@ def _up_epilogue(gate, up, B_GATE, B_UP, neurons, neuron_ok, stride_bg, stride_b
 
 @triton.jit
 def _gather_up_kernel(
-    X, W_GATE, B_GATE, W_UP, B_UP, IDX, OUT, PART, COUNTER,
+    X, W_GATE, B_GATE, W_UP, B_UP, IDX, OUT, PART,
     rows, d, ffn, k, split_len,
     stride_xn, stride_xd,
     stride_wgf, stride_wgd, stride_bg,
     stride_wuf, stride_wud, stride_bu,
     stride_idx, stride_on, stride_oc, stride_ps, stride_pp, stride_pn,
-    GATED: tl.constexpr, SPLITS: tl.constexpr, FIXUP: tl.constexpr,
+    GATED: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # X: [N, d]   W_GATE, W_UP: [ffn, d]   B_GATE, B_UP: [ffn]   IDX: [k] int64   OUT: [N, k]
     # PART: [SPLITS, 2 if GATED else 1, N, k] fp32 (SPLITS > 1 only)   (W_UP, B_UP unused unless GATED)
-    # COUNTER: [row blocks * column blocks] int32, zeros (FIXUP only)
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     split = tl.program_id(2)
@@ -109,29 +106,20 @@ def _gather_up_kernel(
         tl.store(p_ptrs, gate, mask=tile_ok)
         if GATED:
             tl.store(p_ptrs + stride_pp, up, mask=tile_ok)
-        if FIXUP:
-            # every thread's partial store, then (the barrier orders them before it) one release-acquire count: the
-            # program that counts last sees all the tile's partials
-            tl.debug_barrier()
-            arrived = tl.atomic_add(COUNTER + pid_n * tl.num_programs(1) + pid_c, 1, sem="acq_rel")
-            if arrived == SPLITS - 1:
-                _sum_splits(PART, IDX, B_GATE, B_UP, OUT, offs_n, offs_c, rows, k, ffn,
-                            stride_idx, stride_bg, stride_bu, stride_on, stride_oc, stride_ps, stride_pp, stride_pn,
-                            SPLITS, True, GATED, BLOCK_N, BLOCK_C)
 
 
 @triton.jit
 def _gather_down_kernel(
-    H, W_T, BIAS, IDX, OUT, PART, COUNTER,
+    H, W_T, BIAS, IDX, OUT, PART,
     rows, k, ffn, d_out, split_len,
     stride_hn, stride_hk, stride_wf, stride_wc, stride_b,
     stride_idx, stride_on, stride_oc, stride_ps, stride_pn,
-    SPLITS: tl.constexpr, FIXUP: tl.constexpr,
+    SPLITS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # H: [N, k]   W_T: [ffn, d_out]   BIAS: [d_out]   IDX: [k] int64   OUT: [N, d_out]
-    # PART: [SPLITS, 1, N, d_out] fp32 (SPLITS > 1 only)   COUNTER: [row blocks * column blocks] int32, zeros
+    # PART: [SPLITS, 1, N, d_out] fp32 (SPLITS > 1 only)
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     split = tl.program_id(2)
@@ -162,47 +150,6 @@ def _gather_down_kernel(
         tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=tile_ok)
     else:
         tl.store(PART + split * stride_ps + offs_n[:, None] * stride_pn + offs_c[None, :], acc, mask=tile_ok)
-        if FIXUP:
-            # every thread's partial store, then (the barrier orders them before it) one release-acquire count: the
-            # program that counts last sees all the tile's partials
-            tl.debug_barrier()
-            arrived = tl.atomic_add(COUNTER + pid_n * tl.num_programs(1) + pid_c, 1, sem="acq_rel")
-            if arrived == SPLITS - 1:
-                _sum_splits(PART, IDX, BIAS, BIAS, OUT, offs_n, offs_c, rows, d_out, ffn,
-                            stride_idx, stride_b, stride_b, stride_on, stride_oc, stride_ps, 0, stride_pn,
-                            SPLITS, False, False, BLOCK_N, BLOCK_C)
-
-
-@triton.jit
-def _sum_splits(
-    PART, IDX, BIAS, BIAS_UP, OUT, offs_n, offs_c,
-    rows, cols, ffn,
-    stride_idx, stride_b, stride_bu, stride_on, stride_oc, stride_ps, stride_pp, stride_pn,
-    SPLITS: tl.constexpr, UP: tl.constexpr, GATED: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Sum the SPLITS fp32 partial tiles at rows offs_n, columns offs_c in split order, finish and store them.
-    UP: columns are slots of IDX (bias gathered through IDX, then ReLU, times up if GATED); else BIAS [cols] is
-    added (gather_down). Partials are read through L2 (".cg"): other programs wrote them."""
-    # PART: [SPLITS, 2 if GATED else 1, N, cols] fp32   OUT: [N, cols]
-    row_ok = offs_n < rows
-    col_ok = offs_c < cols
-    tile_ok = row_ok[:, None] & col_ok[None, :]
-    p_ptrs = PART + offs_n[:, None] * stride_pn + offs_c[None, :]
-    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-    up = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-    for s in tl.static_range(SPLITS):  # in split order: the same bits every run
-        acc += tl.load(p_ptrs + s * stride_ps, mask=tile_ok, other=0.0, cache_modifier=".cg")
-        if GATED:
-            up += tl.load(p_ptrs + s * stride_ps + stride_pp, mask=tile_ok, other=0.0, cache_modifier=".cg")
-    if UP:
-        neurons = tl.load(IDX + offs_c * stride_idx, mask=col_ok, other=0)
-        neuron_ok = col_ok & (neurons >= 0) & (neurons < ffn)
-        out = _up_epilogue(acc, up, BIAS, BIAS_UP, neurons, neuron_ok, stride_b, stride_bu, GATED)
-    else:
-        out = acc + tl.load(BIAS + offs_c * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(OUT + offs_n[:, None] * stride_on + offs_c[None, :] * stride_oc, out.to(OUT.dtype.element_ty),
-             mask=tile_ok)
 
 
 @triton.jit
@@ -213,12 +160,29 @@ def _finish_kernel(
     SPLITS: tl.constexpr, UP: tl.constexpr, GATED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # grid (row blocks, column blocks): one output tile a program, as _sum_splits describes
+    # PART: [SPLITS, 2 if GATED else 1, N, cols] fp32   OUT: [N, cols]
+    # UP: columns are slots of IDX (bias gathered through IDX, then ReLU, times up if GATED); else
+    # BIAS [cols] is added (gather_down).
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    _sum_splits(PART, IDX, BIAS, BIAS_UP, OUT, offs_n, offs_c, rows, cols, ffn,
-                stride_idx, stride_b, stride_bu, stride_on, stride_oc, stride_ps, stride_pp, stride_pn,
-                SPLITS, UP, GATED, BLOCK_N, BLOCK_C)
+    row_ok = offs_n < rows
+    col_ok = offs_c < cols
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    p_ptrs = PART + offs_n[:, None] * stride_pn + offs_c[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    up = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    for s in tl.static_range(SPLITS):  # in split order: the same bits every run
+        acc += tl.load(p_ptrs + s * stride_ps, mask=tile_ok, other=0.0)
+        if GATED:
+            up += tl.load(p_ptrs + s * stride_ps + stride_pp, mask=tile_ok, other=0.0)
+    if UP:
+        neurons = tl.load(IDX + offs_c * stride_idx, mask=col_ok, other=0)
+        neuron_ok = col_ok & (neurons >= 0) & (neurons < ffn)
+        out = _up_epilogue(acc, up, BIAS, BIAS_UP, neurons, neuron_ok, stride_b, stride_bu, GATED)
+    else:
+        out = acc + tl.load(BIAS + offs_c * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(OUT + offs_n[:, None] * stride_on + offs_c[None, :] * stride_oc, out.to(OUT.dtype.element_ty),
+             mask=tile_ok)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -234,10 +198,9 @@ class GatherConfig(NamedTuple):
     block_n: int  # rows of x (h) per program: >= 16 (tl.dot); >= N keeps a decode batch in one row block
     block_c: int  # output columns per program: selected neurons (up) or output features (down)
     block_r: int  # reduction chunk per loop step: input features (up) or selected neurons (down)
-    splits: int  # programs sharing one tile's reduction (fp32 partials, summed by _sum_splits)
+    splits: int  # programs sharing one tile's reduction (fp32 partials, summed by _finish_kernel)
     num_warps: int = 4
     num_stages: int = 3
-    fixup: bool = False  # splits > 1: the tile's last-arriving program sums them (no _finish_kernel launch)
 
 
 def _config(rows: int, cols: int, reduce: int, block_c: int, weight_bytes: int, device: torch.device) -> GatherConfig:
@@ -281,14 +244,6 @@ def _partials(splits: int, parts: int, rows: int, cols: int, device: torch.devic
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
-def _counters(splits: int, grid: tuple, config: GatherConfig, part: Tensor) -> tuple[Tensor, bool]:
-    """(the per-tile arrival counters, whether the kernel finishes the splits itself): zeros for every output tile
-    of ``grid`` when ``config.fixup`` and there are several splits; else ``part`` stands in, unread (no memset)."""
-    if config.fixup and splits > 1:
-        return torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=part.device), True
-    return part, False
-
-
 def gather_up_triton(
     x: Tensor, w: Tensor, b: Tensor, idx: Tensor, w_up: Tensor | None = None, b_up: Tensor | None = None,
     *, config: GatherConfig | None = None, out: Tensor | None = None,
@@ -315,20 +270,19 @@ def gather_up_triton(
     part = _partials(splits, 2 if gated else 1, rows, k, x.device)
     dot_dtype, dot_precision = dot_types(x.dtype, x.device)
     grid = (triton.cdiv(rows, config.block_n), triton.cdiv(k, config.block_c), splits)
-    counter, fixup = _counters(splits, grid, config, part)
     wrap_triton(_gather_up_kernel)[grid](
-        x, w, b, w_up, b_up, idx, out, part, counter,
+        x, w, b, w_up, b_up, idx, out, part,
         rows, d, ffn, k, split_len,
         x.stride(0), x.stride(1),
         w.stride(0), w.stride(1), b.stride(0),
         w_up.stride(0), w_up.stride(1), b_up.stride(0),
         idx.stride(0), out.stride(0), out.stride(1), part.stride(0), part.stride(1), part.stride(2),
-        GATED=gated, SPLITS=splits, FIXUP=fixup,
+        GATED=gated, SPLITS=splits,
         BLOCK_N=config.block_n, BLOCK_C=config.block_c, BLOCK_R=config.block_r,
         DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if splits > 1 and not fixup:
+    if splits > 1:
         _finish(part, idx, b, b_up, out, ffn, grid, config, up=True, gated=gated)
     return out
 
@@ -352,18 +306,17 @@ def gather_down_triton(
     part = _partials(splits, 1, rows, d_out, h.device)
     dot_dtype, dot_precision = dot_types(h.dtype, h.device)
     grid = (triton.cdiv(rows, config.block_n), triton.cdiv(d_out, config.block_c), splits)
-    counter, fixup = _counters(splits, grid, config, part)
     wrap_triton(_gather_down_kernel)[grid](
-        h, w_t, b, idx, out, part, counter,
+        h, w_t, b, idx, out, part,
         rows, k, ffn, d_out, split_len,
         h.stride(0), h.stride(1), w_t.stride(0), w_t.stride(1), b.stride(0),
         idx.stride(0), out.stride(0), out.stride(1), part.stride(0), part.stride(2),
-        SPLITS=splits, FIXUP=fixup,
+        SPLITS=splits,
         BLOCK_N=config.block_n, BLOCK_C=config.block_c, BLOCK_R=config.block_r,
         DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if splits > 1 and not fixup:
+    if splits > 1:
         _finish(part, idx, b, b, out, ffn, grid, config, up=False, gated=False)
     return out
 
