@@ -23,17 +23,17 @@ from polar_compile.kernels.gather_gemm import (
     gather_up_triton,
 )
 
-# per op: block_c, block_r, splits, num_warps (up: longer contiguous row reads; down: wider column slabs)
+# per op: block_r, splits, num_stages (sweeps 01-02 found block_c and num_warps flat; deeper pipelines are new)
 GRID = {
-    "up": {"block_c": (16, 32), "block_r": (128, 256, 512), "splits": (1, 4, 8, 16), "num_warps": (4, 8)},
-    "down": {"block_c": (64, 128, 256), "block_r": (32, 64, 128), "splits": (4, 8, 16, 32), "num_warps": (4, 8)},
+    "up": {"block_r": (128, 256), "splits": (4, 8, 16), "num_stages": (2, 3, 4, 6)},
+    "down": {"block_r": (64, 128, 256), "splits": (4, 8, 16), "num_stages": (3, 4)},
 }
 
 
 def candidates(op: str, heuristic: GatherConfig) -> list[GatherConfig]:
     """The heuristic's configuration first, then the op's grid with its block_n."""
-    grid = [heuristic._replace(block_c=c, block_r=r, splits=s, num_warps=w)
-            for c, r, s, w in itertools.product(*GRID[op].values())]
+    grid = [heuristic._replace(**dict(zip(GRID[op], values, strict=True)))
+            for values in itertools.product(*GRID[op].values())]
     return [heuristic, *[config for config in grid if config != heuristic]]
 
 
