@@ -39,7 +39,9 @@ class PolarConfig:
 
     VERSION: ClassVar[int] = 1
     DEFAULT_DENSITY: ClassVar[float] = 0.5
-    CUDA_MIN_SAVED_MIB: ClassVar[float] = 32.0
+    # Between the H200 decode runs' crossings: sites skipping 49.5 MiB a step (OPT-66B B=1 L=1920, attention
+    # density 0.3) were 0.98x with routing; 64 MiB (Llama-2-7B, OPT-6.7B B=1 L=8192, 0.5) 1.01-1.02x
+    CUDA_MIN_SAVED_MIB: ClassVar[float] = 56.0
     # Neuron density past which a routed sparse MLP (router + gather-GEMMs) is slower than the dense one on CUDA:
     # (largest MLP weight bytes, ((largest batch size, density), ...)). Measured on an H200 in bf16 with the
     # router of 32fd67d (benchmarks/mlp-runs/run04-routed.md: OPT-6.7B's 256 MiB MLP and OPT-66B's 1.27 GiB at
