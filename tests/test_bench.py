@@ -664,6 +664,10 @@ def test_mlp_table_marks_variants_that_did_not_run(tmp_path):
     ("_gather_up_kernel", "mlp"),
     ("_gather_down_kernel", "mlp"),
     ("_finish_kernel", "mlp"),
+    ("_scores_kernel", "router"),
+    ("_histogram_kernel", "router"),
+    ("_boundary_kernel", "router"),
+    ("_write_kernel", "router"),
     ("void at_cuda_detail::cub::DeviceRadixSortOnesweepKernel<at_cuda_detail::cub::DeviceRadixSortPolicy<float, "
      "long, unsigned int>::Policy900, false, true, float, long, unsigned int, int, int>", "router"),
     ("void at::native::bitonicSortKVInPlace<2, -1, 16, 16, long, long, at::native::LTOp<long, true>, unsigned int>",
@@ -675,6 +679,18 @@ def test_mlp_table_marks_variants_that_did_not_run(tmp_path):
 ])
 def test_mlp_kernel_categories(kernel, category):
     assert kernel_category(kernel) == category
+
+
+def test_categorised_kernel_names_are_our_kernels():
+    """A renamed kernel would silently fall into ``other``: every name the categories list is a Triton kernel."""
+    from triton.runtime.jit import KernelInterface  # of jitted and (TRITON_INTERPRET=1) interpreted functions
+
+    from polar_compile.bench.profile import MLP_KERNELS, ROUTER_KERNELS
+    from polar_compile.kernels import gather_gemm, mlp_route, route
+
+    defined = {name for module in (gather_gemm, mlp_route, route) for name, value in vars(module).items()
+               if isinstance(value, KernelInterface)}
+    assert set(MLP_KERNELS + ROUTER_KERNELS) <= defined
 
 
 def test_run_case_row_on_the_cpu(monkeypatch):

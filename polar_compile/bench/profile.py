@@ -24,6 +24,10 @@ KERNEL_CATEGORIES = ("attention", "GEMMs", "router", "mlp", "other")
 MLP_KERNELS = ("_gather_up_kernel", "_gather_down_kernel", "_finish_kernel")
 """The sparse MLP's Triton kernels (``kernels/gather_gemm.py``): the gather-GEMMs and the split-summing finish."""
 
+ROUTER_KERNELS = ("_route_kernel", "_scores_kernel", "_histogram_kernel", "_boundary_kernel", "_write_kernel")
+"""The routers' Triton kernels: attention (``kernels/route.py``) and the MLP's scores and top-k
+(``kernels/mlp_route.py``)."""
+
 
 def is_attention_kernel(name: str) -> bool:
     """Whether a CUDA kernel name is dense SDPA's attention kernel (cuDNN, flash or memory-efficient), not a
@@ -35,13 +39,13 @@ def kernel_category(name: str) -> str:
     """The category (one of :data:`KERNEL_CATEGORIES`) of a CUDA kernel by its name.
 
     ``attention``: dense SDPA or our selective attention kernels; ``GEMMs``: cuBLAS/CUTLASS GEMMs and Inductor's
-    Triton GEMM templates; ``router``: the attention router kernel and the MLP router's own kernels that a name
-    can tell (its sorts and its fp32 sum over the batch; its two cuBLAS GEMMs look like any other GEMM and count as
-    ``GEMMs`` — :func:`~.step.mlp_router_seconds` times the whole router on its own); ``mlp``: the sparse MLP's
-    gather-GEMMs and their finish (:data:`MLP_KERNELS`); ``other``: anything else (Inductor's fused kernels,
-    copies, the cache write).
+    Triton GEMM templates; ``router``: the routers' Triton kernels (:data:`ROUTER_KERNELS`) and the sorts and
+    fp32 batch sums of the MLP router's reference path (layers wider than ``MAX_SELECT_NEURONS``); the MLP router's
+    cuBLAS GEMM looks like any other GEMM and counts as ``GEMMs`` (:func:`~.step.mlp_router_seconds` times the
+    whole router on its own); ``mlp``: the sparse MLP's gather-GEMMs and their finish (:data:`MLP_KERNELS`);
+    ``other``: anything else (Inductor's fused kernels, copies, memsets, the cache write).
     """
-    if name == "_route_kernel":
+    if name in ROUTER_KERNELS:
         return "router"
     if name.startswith(MLP_KERNELS):
         return "mlp"
@@ -52,7 +56,7 @@ def kernel_category(name: str) -> str:
     if not name.startswith("triton_") and any(tag in name.lower() for tag in ("gemm", "nvjet", "cutlass", "xmma")):
         return "GEMMs"
     if not name.startswith("triton_") and ("sort" in name.lower() or "sum_functor" in name):  # only polar::mlp_route
-        return "router"  # sorts or reduces eagerly in a compiled decode step
+        return "router"  # sorts or reduces eagerly in a compiled decode step (its reference path)
     return "other"
 
 
