@@ -74,7 +74,7 @@ def insert_mlp_hooks(gm: fx.GraphModule, sites: list[MlpSite], hook: MlpHook, tr
         if site.dense_reason is not None:
             where = f"{site.layer_module or site.down.name} (layer {site.layer})"
             trace.dense[f"{where}: {site.dense_reason}"] = None
-            if not site.is_relu:
+            if not site.has_exact_zeros:
                 trace.activations[site.activation] = None
             continue
         info = MlpInfo(int(site.layer), int(site.hidden_size), int(site.ffn_size), site.gate is not None)

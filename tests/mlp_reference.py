@@ -18,6 +18,7 @@ _MLP_MODULES = {
     "mistral": lambda layer: (layer.mlp.up_proj, layer.mlp.down_proj),
     "phi3": lambda layer: (layer.mlp.gate_up_proj, layer.mlp.down_proj),
     "falcon": lambda layer: (layer.mlp.dense_h_to_4h, layer.mlp.dense_4h_to_h),
+    "nemotron": lambda layer: (layer.mlp.up_proj, layer.mlp.down_proj),
 }
 
 

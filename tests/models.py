@@ -41,6 +41,7 @@ LLAMA_LIKE: dict[str, tuple[str, dict]] = {
     "smollm3": ("SmolLM3Config", {}),
     "glm": ("GlmConfig", {}),
     "helium": ("HeliumConfig", {}),
+    "nemotron": ("NemotronConfig", {}),  # LayerNorm1P, partial rotary; its MLP is up -> relu2 -> down
 }
 # Falcon's new architecture caches K/V broadcast to every head; GPT-BigCode here is its multi_query=False layout
 MHA_FAMILIES = ("opt", "gpt2", "gpt_neox", "falcon", "gpt_bigcode")

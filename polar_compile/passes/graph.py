@@ -40,10 +40,13 @@ _FUNCTION_TARGETS: dict[str, tuple[Any, ...]] = {
     # what MLP activations are made of (GPT-2's tanh GELU is a chain of mul, pow, add, tanh)
     "relu": (F.relu, torch.relu, torch.Tensor.relu, aten.relu.default),
     "activation": (F.silu, F.gelu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, torch.Tensor.sigmoid, aten.silu.default,
-                   aten.gelu.default, aten.sigmoid.default, aten.tanh.default),
+                   aten.gelu.default, aten.sigmoid.default, aten.tanh.default, F.leaky_relu, aten.leaky_relu.default,
+                   F.elu, aten.elu.default, F.selu, F.celu, F.softplus, aten.softplus.default, F.mish, torch.erf,
+                   aten.erf.default, torch.exp, aten.exp.default),
     "mul": (operator.mul, torch.mul, torch.Tensor.mul, aten.mul.Tensor),
     "add": (operator.add, torch.add, torch.Tensor.add, aten.add.Tensor),
     "pow": (operator.pow, torch.pow, torch.Tensor.pow, aten.pow.Tensor_Scalar),
+    "square": (torch.square, torch.Tensor.square, aten.square.default),  # squared ReLU (Nemotron, Persimmon)
     "dropout": (F.dropout, aten.dropout.default),
     "getitem": (operator.getitem,),
     # a tensor cut in pieces (Phi-3's fused gate/up projection, chunked in two)
@@ -78,6 +81,7 @@ _METHOD_NAMES: dict[str, str] = {
     "mul": "mul",
     "add": "add",
     "pow": "pow",
+    "square": "square",
     "index_copy_": "write",
     "copy_": "write",
     "index_put_": "write",

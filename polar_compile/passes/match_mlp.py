@@ -6,9 +6,10 @@ A site is a *down* projection whose input is computed, through elementwise ops o
 - gated: ``down(act(gate(x)) * up(x))`` (Llama-style; ReLU-fied Llama/Mistral), also with gate and up as the two
   halves of one fused projection (Phi-3's ``gate_up_proj``, chunked along its output).
 Projections are ``linear``, Conv1D's ``addmm`` and ``matmul`` by a 2-D weight (:func:`.graph.is_projection`). The
-activation is named from the ops between: a bare ``relu`` has exact zeros, which Polar's neuron sparsity needs;
-any other activation (SiLU, GELU, GPT-2's tanh-GELU chain) keeps the site dense with that reason. The site's layer is
-the decoder layer around it (``graph.layer_of``), as for attention sites.
+activation is named from the ops between: a bare ``relu`` and, in plain MLPs, the squared ReLU ``relu2``
+(``square(relu(.))``: Nemotron, Persimmon) have exact zeros, which Polar's neuron sparsity needs; any other
+activation (SiLU, GELU, GPT-2's tanh-GELU chain) keeps the site dense with that reason. The site's layer is the
+decoder layer around it (``graph.layer_of``), as for attention sites.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from .graph import bound_args, is_projection, layer_of, op_name, same_size, shap
 __all__ = ["MlpSite", "find_mlp_sites"]
 
 # Ops an MLP's activation is made of (GPT-2's tanh GELU is a chain of them); anything else ends the search.
-_ELEMENTWISE = ("relu", "activation", "mul", "add", "pow", "tanh", "reshape", "alias", "dropout", "dtensor")
+_ELEMENTWISE = ("relu", "activation", "mul", "add", "pow", "square", "tanh", "reshape", "alias", "dropout", "dtensor")
+SPARSE_ACTIVATIONS = ("relu", "relu2")  # exact zeros wherever the up projection is <= 0
 _SEARCH_LIMIT = 32  # nodes between the projections (GPT-2's tanh GELU is 8)
 
 
@@ -33,7 +35,7 @@ class MlpSite:
     down: fx.Node
     up: fx.Node
     gate: fx.Node | None  # gated MLPs: the projection under the activation (``up`` is the other factor)
-    activation: str  # "relu", or the op names between the projections ("gelu", "silu", "mul+pow+tanh+add", ...)
+    activation: str  # "relu", "relu2", or the op names between the projections ("gelu", "silu", "add+mul+pow+tanh")
     layer: int | None
     layer_module: str | None
     hidden_size: int | None
@@ -42,8 +44,9 @@ class MlpSite:
     halves: tuple[int, int] | None = None  # fused gate/up (``gate is up``): (gate's half, up's half) of its output
 
     @property
-    def is_relu(self) -> bool:
-        return self.activation == "relu"
+    def has_exact_zeros(self) -> bool:
+        """The activation is one the sparse MLP computes (:data:`SPARSE_ACTIVATIONS`)."""
+        return self.activation in SPARSE_ACTIVATIONS
 
 
 def find_mlp_sites(gm: fx.GraphModule) -> list[MlpSite]:
@@ -66,8 +69,12 @@ def _match_site(down: fx.Node) -> MlpSite | None:
         return None
     layer = layer_of(down)
     up, gate, halves = ups[0], None, None
-    activation = _activation(ops)
-    if len(ups) == 2:  # gated: the factor with the activation on it is the gate
+    if len(ups) == 1:  # in order when the ops are one chain (relu then square: relu2), else the set of them
+        if _half_of(up):
+            return None  # half of a projection feeding a plain MLP: not a structure the rewrite knows
+        chain = _ops_between(_unviewed(source), up, inclusive=True)
+        activation = _activation(chain if len(chain) == len(ops) else ops)
+    else:  # gated: the factor with the activation on it is the gate
         up, gate = _split_gate(source, ups)
         if gate is None:
             return None
@@ -78,8 +85,6 @@ def _match_site(down: fx.Node) -> MlpSite | None:
             (fused, up_half), (_, gate_half) = _half_of(up), _half_of(gate)
             up = gate = fused
             halves = (gate_half, up_half)
-    elif _half_of(up):
-        return None  # half of a projection feeding a plain MLP: not a structure the rewrite knows
     width = _width(up)
     site = MlpSite(down=down, up=up, gate=gate, activation=activation, layer=layer[1] if layer else None,
                    layer_module=layer[0] if layer else None, hidden_size=_width(down),
@@ -89,8 +94,10 @@ def _match_site(down: fx.Node) -> MlpSite | None:
 
 
 def _why_dense(site: MlpSite) -> str | None:
-    if not site.is_relu:
+    if not site.has_exact_zeros:
         return f"activation {site.activation} has no exact zeros (only ReLU MLPs are sparsified)"
+    if site.activation != "relu" and site.gate is not None:
+        return f"gated MLP with activation {site.activation}: the gated sparse MLP computes relu(gate) * up only"
     if site.layer is None:
         return "not inside an item of a module list (a decoder layer), so it has no layer index for a router"
     if site.hidden_size is None or site.ffn_size is None:
@@ -156,12 +163,13 @@ def _split_gate(source: fx.Node, ups: list[fx.Node]) -> tuple[fx.Node, fx.Node |
     return ups[0], None
 
 
-def _ops_between(product: fx.Node, gate: fx.Node) -> list[str]:
-    """The activation ops from ``gate`` up to the gated product (its operand on the gate's side)."""
-    for arg in product.all_input_nodes:
+def _ops_between(product: fx.Node, gate: fx.Node, inclusive: bool = False) -> list[str]:
+    """The activation ops from ``gate`` up to the gated product (its operand on the gate's side), in order; with
+    ``inclusive``, up to and including ``product`` itself (a plain MLP's down input)."""
+    for arg in [product] if inclusive else product.all_input_nodes:
         ops, node = [], _unviewed(arg)
         while node is not gate and op_name(node) in _ELEMENTWISE and node.all_input_nodes:
-            if op_name(node) not in ("reshape", "alias", "dropout"):
+            if op_name(node) not in ("reshape", "alias", "dropout", "dtensor"):
                 ops.append(_activation_name(node))
             node = _unviewed(node.all_input_nodes[0])
         if node is gate:
@@ -170,12 +178,17 @@ def _ops_between(product: fx.Node, gate: fx.Node) -> list[str]:
 
 
 def _activation(ops: list[str]) -> str:
-    """'relu' for a bare ReLU, else the distinct ops between the projections ('silu', 'add+mul+pow+tanh', ...)."""
+    """'relu' for a bare ReLU, 'relu2' for a square of one (ops in order from the projection), else the distinct
+    ops between the projections ('silu', 'add+mul+pow+tanh', ...)."""
+    if ops == ["relu", "square"]:
+        return "relu2"
     return "+".join(sorted(set(ops))) or "identity"
 
 
 def _activation_name(node: fx.Node) -> str:
     name = op_name(node)
+    if name == "pow" and len(node.args) == 2 and node.args[1] == 2:  # torch.export writes square as pow(x, 2)
+        return "square"
     return str(getattr(node.target, "__name__", node.target)) if name == "activation" else name
 
 

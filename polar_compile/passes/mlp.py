@@ -6,6 +6,7 @@ options' bank) and a k for this step's batch size in the bank's table, the rewri
     x2  = x.reshape(-1, hidden)                                  # [N, hidden]: the MLP input, N = B tokens
     idx = polar.mlp_route(x2, W_in_i, W_out_i, k)                # [k]: one neuron set for the whole batch
     h   = polar.gather_up(x2, W_up, b_up, idx)                   # [N, k]   (gated: polar.gather_gated_up)
+    h   = torch.square(h)                                        # squared ReLU (relu2) only
     out = polar.gather_down(h, W_down^T, b_down, idx)            # [N, hidden], reshaped as the down output
 
 so it computes exactly ``down[:, idx] · act(up[idx] x + b_up[idx]) + b_down`` (a fused gate/up projection's weight
@@ -14,7 +15,7 @@ and bias are cut into their two halves of rows first). The up weight is read in 
 model's tensor when the graph compiles, shared by all graphs of that weight, listed in ``gm.meta[TRANSPOSED_META]``
 so that the backend copies it again, in place, before a call that follows an in-place change of the weight; Conv1D
 layouts are already so and need no copy); the user's model is never changed. Sites stay dense, with the reason, for every activation but a
-bare ReLU, prefill, no router or no k (the table says dense at this batch size), k past the kernels' break-even
+bare ReLU (or a squared one in a plain MLP), prefill, no router or no k (the table says dense at this batch size), k past the kernels' break-even
 (``PolarConfig.mlp_break_even``), an unsupported dtype, autograd recording, or weights the graph computes.
 """
 
@@ -45,7 +46,7 @@ TRANSPOSED_META = "polar_transposed_weights"  # gm.meta key: the TransposedWeigh
 
 _SELECT_ATTENTION = torch.ops.polar.select_attention.default
 # ops of the MLP body the rewrite makes dead (the activation chain, the projections, their views)
-_BODY_OPS = ("linear", "addmm", "matmul", "relu", "activation", "mul", "add", "pow", "tanh", "reshape", "alias",
+_BODY_OPS = ("linear", "addmm", "matmul", "relu", "activation", "mul", "add", "pow", "square", "tanh", "reshape", "alias",
              "dropout", "getitem", "split")
 
 
@@ -153,6 +154,8 @@ class MlpPass:
             up = self._up_operands(gm, site, site.up, up_half, like)
             if site.gate is None:
                 h = graph.call_function(torch.ops.polar.gather_up.default, (rows, *up, idx))  # [N, k]
+                if site.activation == "relu2":  # in x's dtype after the kernel's rounding, as the model squares
+                    h = graph.call_function(torch.square, (h,))
             else:
                 gate = self._up_operands(gm, site, site.gate, gate_half, like)
                 h = graph.call_function(torch.ops.polar.gather_gated_up.default, (rows, *gate, *up, idx))

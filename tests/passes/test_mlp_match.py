@@ -20,7 +20,9 @@ RELU = {
     "phi": ({"hidden_act": "relu"}, False, 64),
     "phi3": ({"hidden_act": "relu"}, True, 64),  # gate and up: the two halves of one fused projection
     "falcon": ({"activation": "relu"}, False, 128),  # projections are x @ weight.T
+    "nemotron": ({"hidden_act": "relu2"}, False, 64),  # squared ReLU: square(relu(up(x))), its default
 }
+SQUARED = ("nemotron",)  # their activation is relu2
 OTHER = {"llama": "silu", "gpt_neox": "gelu", "gpt2": "add+mul+pow+tanh", "falcon": "gelu", "phi3": "silu"}
 
 
@@ -60,7 +62,7 @@ def test_relu_mlps_are_found_in_every_decoder_layer(family):
     with torch.no_grad():
         torch.compile(model.forward, backend=capture, fullgraph=True)(**driver.decode_inputs(driver.prefill()))
     (found,) = graphs
-    assert [(s.is_relu, s.gate is not None, s.ffn_size, s.hidden_size) for s in found] == [(True, gated, ffn, 32)] * 2
+    assert [(s.has_exact_zeros, s.gate is not None, s.ffn_size, s.hidden_size) for s in found] == [(True, gated, ffn, 32)] * 2
 
 
 @pytest.mark.parametrize("family", OTHER)
@@ -95,7 +97,43 @@ def test_export_graphs_give_the_same_mlp_sites(family):
     program = wrapper.export(input_ids=torch.zeros(2, 1, dtype=torch.long), cache_position=torch.tensor([0]))
     sites = find_mlp_sites(program.module())
     assert [(s.layer, s.activation, s.gate is not None, s.ffn_size) for s in sites] == [
-        (layer, "relu", RELU[family][1], RELU[family][2]) for layer in range(LAYERS)]
+        (layer, "relu2" if family in SQUARED else "relu", RELU[family][1], RELU[family][2]) for layer in range(LAYERS)]
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, activation):
+        super().__init__()
+        self.up, self.down, self.activation = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8), activation
+
+    def forward(self, x):
+        return self.down(self.activation(self.up(x)))
+
+
+@pytest.mark.parametrize(("activation", "name", "reason"), [
+    (torch.relu, "relu", None),
+    (lambda h: torch.square(torch.relu(h)), "relu2", None),
+    (lambda h: torch.relu(h) ** 2, "relu2", None),
+    (lambda h: torch.relu(torch.square(h)), "relu+square", "activation relu+square has no exact zeros"),
+    (lambda h: torch.relu(h) ** 3, "pow+relu", "activation pow+relu has no exact zeros"),
+    (torch.nn.functional.leaky_relu, "leaky_relu", "activation leaky_relu has no exact zeros"),
+])
+def test_relu_and_its_square_are_told_from_other_chains_by_their_order(activation, name, reason):
+    """Squared ReLU is square(relu(.)), in that order; relu(square(.)) and other chains stay dense, named."""
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([_Layer(activation)])
+    model.forward = lambda x: model.layers[0](x)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(find_mlp_sites(gm))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=capture)(torch.randn(2, 8))
+    ((site,),) = graphs
+    assert site.activation == name and (site.dense_reason is None) == (reason is None)
+    assert reason is None or site.dense_reason.startswith(reason)
 
 
 def test_an_mlp_outside_a_layer_list_has_no_layer():

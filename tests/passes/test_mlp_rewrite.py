@@ -1,5 +1,5 @@
 """The MLP rewrite: decode logits of stock HF ReLU models (OPT, GPT-2's Conv1D, GPT-NeoX, gated Llama, Phi-3's fused
-gate/up, Falcon's x @ weight.T) under the
+gate/up, Falcon's x @ weight.T, Nemotron's squared ReLU) under the
 polar backend equal the test's own masked reference (``tests/mlp_reference.py``), with routers attached or in the
 options, and follow re-attach, another table and another batch size without a reset."""
 
@@ -18,7 +18,7 @@ from tests.mlp_reference import sparse_mlps
 from tests.models import DecodeDriver
 from tests.passes.test_mlp_match import RELU, relu_model
 
-FAMILIES = ("opt", "gpt2", "gpt_neox", "llama", "phi3", "falcon")
+FAMILIES = ("opt", "gpt2", "gpt_neox", "llama", "phi3", "falcon", "nemotron")
 
 
 def mlp_bank(model, seed=0, first_layer=0, rank=8, topk=None):
@@ -94,6 +94,20 @@ def test_a_fused_gate_up_projection_with_a_bias_cuts_both_in_halves():
                                atol=1e-4)
     report = polar_compile.explain(model, **driver.decode_inputs(driver.prefill()), options={"routers": bank})
     assert [s.rewritten for s in report.sites_of("mlp")] == [True, True]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_squared_relu_squares_the_gathered_neurons(seed):
+    """Nemotron's square(relu(up(x))): the rewritten MLP squares the kept neurons (the masked reference)."""
+    torch._dynamo.reset()
+    model = relu_model("nemotron", relu=True)
+    bank = mlp_bank(model, seed, topk={3: 0.3})
+    driver = driver_for(model, 3, seed)
+    expected, gap = reference(model, "nemotron", bank.mlp, driver)
+    assert gap > 1e-5
+    torch.testing.assert_close(polar_logits(compiled(model, {"routers": bank}), driver), expected, rtol=1e-4, atol=1e-4)
+    report = polar_compile.explain(model, **driver.decode_inputs(driver.prefill()), options={"routers": bank})
+    assert [(s.rewritten, s.kept) for s in report.sites_of("mlp")] == [(True, bank.mlp.k_for(0, 3))] * 2
 
 
 def test_every_neuron_kept_is_the_dense_model():
