@@ -230,6 +230,7 @@ def _session(path) -> ort.InferenceSession:
     ("llama", TinySpec("llama", heads=4, kv_heads=2, head_dim=8, layers=3), False),  # GQA
     ("opt", TinySpec("opt", heads=4, kv_heads=4, head_dim=8, layers=3, bias=True), True),  # ReLU MLP routed
     ("qwen2", TinySpec("qwen2", heads=4, kv_heads=2, head_dim=8, layers=3, bias=True), False),  # q/k/v biases
+    ("nemotron", TinySpec("nemotron", heads=4, kv_heads=2, head_dim=8, layers=3), True),  # squared-ReLU MLP routed
 ])
 def test_onnx_steps_match_the_eager_polar_step(family, spec, mlp, tmp_path):
     model = tiny_model(spec, seed=7)
