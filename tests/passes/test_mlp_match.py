@@ -38,6 +38,20 @@ def relu_model(family: str, relu: bool) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
+def dynamo_mlp_sites(fn, *args, **kwargs) -> list[list]:
+    """The MLP sites of every graph Dynamo traces from one call of ``fn`` (no grad, after a reset)."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(find_mlp_sites(gm))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(fn, backend=capture)(*args, **kwargs)
+    return graphs
+
+
 def decode_report(model):
     driver = DecodeDriver(model, batch=2, prompt_len=3, max_cache_len=8, pad=[1, 0])
     return polar_compile.explain(model, **driver.decode_inputs(driver.prefill())), driver
@@ -52,16 +66,7 @@ def test_relu_mlps_are_found_in_every_decoder_layer(family):
     assert [(s.layer, s.kind, s.units) for s in sites] == [(layer, "decode", ffn) for layer in range(LAYERS)]
     assert all(s.reason == f"no MLP router for layer {s.layer}" for s in sites)
 
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(find_mlp_sites(gm))
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model.forward, backend=capture, fullgraph=True)(**driver.decode_inputs(driver.prefill()))
-    (found,) = graphs
+    (found,) = dynamo_mlp_sites(model.forward, **driver.decode_inputs(driver.prefill()))
     assert [(s.has_exact_zeros, s.gate is not None, s.ffn_size, s.hidden_size) for s in found] == [(True, gated, ffn, 32)] * 2
 
 
@@ -122,30 +127,13 @@ def test_relu_and_its_square_are_told_from_other_chains_by_their_order(activatio
     model = torch.nn.Module()
     model.layers = torch.nn.ModuleList([_Layer(activation)])
     model.forward = lambda x: model.layers[0](x)
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(find_mlp_sites(gm))
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=capture)(torch.randn(2, 8))
-    ((site,),) = graphs
+    ((site,),) = dynamo_mlp_sites(model, torch.randn(2, 8))
     assert site.activation == name and (site.dense_reason is None) == (reason is None)
     assert reason is None or site.dense_reason.startswith(reason)
 
 
 def test_an_mlp_outside_a_layer_list_has_no_layer():
     model = relu_model("llama", relu=True)
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(find_mlp_sites(gm))
-        return gm.forward
-
-    with torch.no_grad():
-        torch.compile(model.model.layers[0].mlp, backend=capture)(torch.randn(2, 1, 32))
-    (sites,) = graphs
+    (sites,) = dynamo_mlp_sites(model.model.layers[0].mlp, torch.randn(2, 1, 32))
     assert [(s.layer, s.dense_reason) for s in sites] == [
         (None, "not inside an item of a module list (a decoder layer), so it has no layer index for a router")]
