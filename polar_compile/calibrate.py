@@ -185,6 +185,7 @@ class FeatureStore:
         return layer in self.accepted
 
     def append(self, layer: int, x: Tensor, norms: Tensor) -> None:
+        """Write ``layer``'s router inputs and per-unit output norms of ``N`` more tokens after those stored."""
         # x: [N, hidden]   norms: [N, units]
         if layer not in self.written:
             self.x[layer] = np.lib.format.open_memmap(self.directory / f"x{layer}.npy", "w+", np.float16,

@@ -77,6 +77,7 @@ class _Router(nn.Module):
         self.register_buffer("scale", scale)  # 1 / std of each input feature
 
     def forward(self, x: Tensor) -> Tensor:
+        """Neuron logits ``[..., ffn]`` of the standardised MLP input ``x`` ``[..., hidden]``."""
         return self.out(self.inp(x * self.scale))
 
     def weights(self) -> tuple[Tensor, Tensor]:

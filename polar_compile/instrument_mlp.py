@@ -127,6 +127,7 @@ class TokenSample:
         self.windows: list[Tensor] = []
 
     def append(self, x: Tensor, active: Tensor, windows: Tensor) -> None:
+        """Keep copies of the first tokens of ``x``, ``active`` and ``windows`` that still fit in the sample."""
         # x: [n, hidden]   active: [n, ffn]   windows: [n]
         room = self.capacity - self.count
         if room <= 0 or not len(x):

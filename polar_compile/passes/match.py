@@ -79,6 +79,7 @@ class AttentionSite:
 
     @property
     def is_decode(self) -> bool:
+        """One query token per sequence: a decode step."""
         return self.query_len == 1
 
     @property
