@@ -207,7 +207,9 @@ def _config(rows: int, cols: int, reduce: int, block_c: int, weight_bytes: int, 
     block_n = min(128, max(16, triton.next_power_of_2(rows)))
     block_r = 128 if block_n <= 32 else 64  # x/h tile + weight tile, 3 stages: <= 72 KiB of shared memory
     tiles = triton.cdiv(rows, block_n) * triton.cdiv(cols, block_c)
-    splits = triton.cdiv(2 * num_sms(device), tiles)  # ~2 programs per SM
+    # fewer tiles than 2 per SM: split for ~4 programs per SM (sweeps 01-04: OPT-66B gather_down 1.15x with 4 splits
+    # over 2; 6.7B shapes flat to 1.06x)
+    splits = 1 if tiles >= 2 * num_sms(device) else triton.cdiv(4 * num_sms(device), tiles)
     splits = min(splits, MAX_SPLITS, max(1, triton.cdiv(reduce, 2 * block_r)))  # >= 2 chunks a split
     # fp32 partials (written and read once) cost at most 1/4 of the weight bytes the call streams
     splits = max(1, min(splits, weight_bytes // (4 * 4 * max(1, rows * cols))))
@@ -219,8 +221,8 @@ def gather_up_config(rows: int, d: int, k: int, gated: bool, dtype: torch.dtype,
 
     A decode batch (N <= 128) is one row block, so the selected weight rows are read once; 32 neurons a program,
     d in chunks of 128 (64 for N > 32): 256 B of each gathered row a step. When that gives fewer than 2 programs
-    per SM (small k), d is split over up to 8 programs, each >= 2 chunks, while the fp32 partials stay under 1/4
-    of the weight bytes read. Not yet tuned on a GPU (benchmarks/mlp.py measures it).
+    per SM (small k), d is split for about 4 programs per SM, over up to 8 programs, each >= 2 chunks, while the
+    fp32 partials stay under 1/4 of the weight bytes read (benchmarks/mlp_sweep.py tunes these).
     """
     weight_bytes = (2 if gated else 1) * k * d * torch.finfo(dtype).bits // 8
     return _config(rows, k, d, 32, weight_bytes, device)

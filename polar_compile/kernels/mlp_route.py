@@ -13,10 +13,12 @@ B. ``_boundary_kernel``, one program per CHUNK keys: from the histogram (each pr
    boundary bin b* holding the k-th largest key and ``above`` = #{keys in bins > b*}; for its chunk, ``counts[p]``
    = #{keys in bins > b*}, and its keys of bin b* with their indices appended to a candidate buffer of CAPACITY at
    slots from one atomic counter (in no particular order; past CAPACITY only counted).
-C. ``_write_kernel``, one program per CHUNK keys, each alone: T = the k-th largest key, by a binary search between
-   the smallest and the largest candidate (counting in registers, over SMALL or CAPACITY slots; when the buffer
-   overflowed, the same search over every key of bin b* read chunk by chunk: slow, exact, rare — a bin crowded by
-   equal scores, e.g. dead neurons all exactly 0, has min == max and needs no step). Keys > T are all kept, keys == T the ``need`` lowest indices.
+C. ``_write_kernel``, one program per CHUNK keys, each alone: T = the k-th largest key, from the candidates in
+   registers: when they fit in SMALL slots (the usual case) each one's count of candidates >= it, all pairs compared
+   (a binary search is up to 17 dependent reductions); in CAPACITY slots, that binary search between the smallest
+   and the largest candidate; when the buffer overflowed, the same search counting over every key of bin b* read
+   chunk by chunk (slow, exact, rare — a bin crowded by equal scores, e.g. dead neurons all exactly 0, has min ==
+   max and needs no step). Keys > T are all kept, keys == T the ``need`` lowest indices.
    Each kept key goes to slot #{kept keys before it} = #{keys > T before it} + min(need, #{keys == T before it}):
    before the chunk from ``counts`` and the candidates, within it from one prefix sum. So ``idx`` is in ascending
    index order and each of its k slots is written exactly once, whatever the scores.
@@ -50,7 +52,7 @@ _BIN_OFFSET = 95 << 6
 _CHUNK = 1024  # keys per program of launches B and C; < 2**15: two counts share an int32 prefix sum
 _NUM_WARPS = 4
 _CAPACITY = 4096  # candidates of the boundary bin, searched in registers by every program of launch C
-_SMALL = 256  # ... over a vector this wide when they fit (a reduction per search step over CAPACITY costs)
+_SMALL = 256  # ... ranked pairwise in a vector this wide when they fit
 
 
 @triton.jit
@@ -128,18 +130,18 @@ def _boundary_kernel(SCORES, HIST, CAND_COUNT, COUNTS, META, CAND_KEY, CAND_IDX,
     # Launch B. HIST: [NUM_BINS] int32   CAND_COUNT: [] int32, zero on entry   COUNTS: [programs] int32
     # META: [2] int32 (boundary, above)   CAND_KEY, CAND_IDX: [CAPACITY] int32
     # at_or_above[b] = #{keys in bins >= b} is non-increasing, at_or_above[0] = ffn >= k
+    pid = tl.program_id(0)
+    n = pid * CHUNK + tl.arange(0, CHUNK)
+    ok = n < ffn
+    key = _score_key(tl.load(SCORES + n, mask=ok, other=0.0))
     hist = tl.load(HIST + tl.arange(0, NUM_BINS))
-    at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
+    at_or_above = ffn - tl.cumsum(hist, axis=0) + hist  # every neuron has a bin: the histogram sums to ffn
     boundary = tl.sum((at_or_above >= k).to(tl.int32), axis=0) - 1
     above = tl.max(tl.where(at_or_above < k, at_or_above, 0), axis=0)  # < k <= above + hist[boundary]
-    pid = tl.program_id(0)
     if pid == 0:
         tl.store(META, boundary)
         tl.store(META + 1, above)
 
-    n = pid * CHUNK + tl.arange(0, CHUNK)
-    ok = n < ffn
-    key = _score_key(tl.load(SCORES + n, mask=ok, other=0.0))
     b = _bin(key, NUM_BINS, BIN_SHIFT, BIN_OFFSET)
     tl.store(COUNTS + pid, tl.sum((ok & (b > boundary)).to(tl.int32), axis=0))
     cand = ok & (b == boundary)
@@ -164,24 +166,40 @@ def _count_at_least(SCORES, end, boundary, least, NUM_BINS: tl.constexpr, BIN_SH
 
 
 @triton.jit
-def _search_candidates(CAND_KEY, CAND_IDX, cands, above, k, chunk_start, ffn, WIDTH: tl.constexpr):
-    """T = the k-th largest key, by a binary search over the ``cands`` <= WIDTH candidates of bin b* held in
-    registers; returns (T, #{keys > T}, #{candidates before the chunk > T}, #{... == T})."""
+def _threshold_of_candidates(CAND_KEY, CAND_IDX, cands, above, k, chunk_start, ffn, WIDTH: tl.constexpr,
+                             RANKED: tl.constexpr):
+    """T = the k-th largest key: the largest candidate of bin b* with ``above`` + #{candidates >= it} >= k, over
+    the ``cands`` <= WIDTH candidates held in registers; returns (T, #{keys > T}, #{candidates before the chunk
+    > T}, #{... == T}).
+
+    RANKED: each candidate's count of candidates >= it, by comparing all pairs, BLOCK_J columns at a time (a few
+    steps for a small bin); else a binary search between the smallest and the largest candidate, one reduction
+    over WIDTH a step (up to 17 steps: a bin spans 2**17 keys)."""
     c_offs = tl.arange(0, WIDTH)
     c_ok = c_offs < cands
     cand_key = tl.load(CAND_KEY + c_offs, mask=c_ok, other=-1)  # -1: below every key
     cand_before = tl.load(CAND_IDX + c_offs, mask=c_ok, other=ffn) < chunk_start
-    lo = tl.min(tl.where(c_ok, cand_key, 0x7FFFFFFF), axis=0)  # #{keys >= lo} = above + cands >= k
-    hi = tl.max(cand_key, axis=0) + 1  # #{keys >= hi} = above < k
-    while hi - lo > 1:
-        mid = lo + (hi - lo) // 2
-        enough = above + tl.sum((cand_key >= mid).to(tl.int32), axis=0) >= k
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid)
-    greater = above + tl.sum((cand_key > lo).to(tl.int32), axis=0)
-    bin_gt_before = tl.sum((cand_before & (cand_key > lo)).to(tl.int32), axis=0)
-    eq_before = tl.sum((cand_before & (cand_key == lo)).to(tl.int32), axis=0)
-    return lo, greater, bin_gt_before, eq_before
+    if RANKED:
+        at_least = tl.zeros([WIDTH], dtype=tl.int32)  # #{candidates >= cand_key}
+        for j0 in range(0, cands, 32):
+            j = j0 + tl.arange(0, 32)
+            other = tl.load(CAND_KEY + j, mask=j < cands, other=-1)
+            at_least += tl.sum((other[None, :] >= cand_key[:, None]).to(tl.int32), axis=1)
+        threshold = tl.max(tl.where(c_ok & (above + at_least >= k), cand_key, -1), axis=0)
+    else:
+        threshold = tl.min(tl.where(c_ok, cand_key, 0x7FFFFFFF), axis=0)  # #{keys >= it} = above + cands >= k
+        hi = tl.max(cand_key, axis=0) + 1  # #{keys >= hi} = above < k
+        while hi - threshold > 1:
+            mid = threshold + (hi - threshold) // 2
+            enough = above + tl.sum((cand_key >= mid).to(tl.int32), axis=0) >= k
+            threshold = tl.where(enough, mid, threshold)
+            hi = tl.where(enough, hi, mid)
+    # three counts <= WIDTH < 2**16 in one reduction: bits 0-15, 16-31, 32-47
+    gt = cand_key > threshold
+    packed = tl.sum(gt.to(tl.int64) | ((cand_before & gt).to(tl.int64) << 16)
+                    | ((cand_before & (cand_key == threshold)).to(tl.int64) << 32), axis=0)
+    return threshold, above + (packed & 0xFFFF).to(tl.int32), ((packed >> 16) & 0xFFFF).to(tl.int32), \
+        (packed >> 32).to(tl.int32)
 
 
 @triton.jit
@@ -198,12 +216,12 @@ def _write_kernel(SCORES, CAND_COUNT, COUNTS, META, CAND_KEY, CAND_IDX, IDX, ffn
     cands = tl.load(CAND_COUNT)
     # T = the largest key with #{keys >= T} >= k, between the smallest and the largest key of bin b*;
     # then #{keys > T}, and #{keys of bin b* before the chunk} that are > T and == T
-    if cands <= SMALL:  # the usual case: a boundary bin of a few keys, searched over a narrow vector
-        lo, greater, bin_gt_before, eq_before = _search_candidates(CAND_KEY, CAND_IDX, cands, above, k,
-                                                                   chunk_start, ffn, SMALL)
+    if cands <= SMALL:  # the usual case: a boundary bin of a few keys, ranked in a narrow vector
+        lo, greater, bin_gt_before, eq_before = _threshold_of_candidates(CAND_KEY, CAND_IDX, cands, above, k,
+                                                                   chunk_start, ffn, SMALL, True)
     elif cands <= CAPACITY:
-        lo, greater, bin_gt_before, eq_before = _search_candidates(CAND_KEY, CAND_IDX, cands, above, k,
-                                                                   chunk_start, ffn, CAPACITY)
+        lo, greater, bin_gt_before, eq_before = _threshold_of_candidates(CAND_KEY, CAND_IDX, cands, above, k,
+                                                                   chunk_start, ffn, CAPACITY, False)
     else:  # the buffer overflowed: the same over every key of bin b*, read from the scores
         lo = tl.full([], 0x7FFFFFFF, dtype=tl.int32)
         hi = tl.zeros([], dtype=tl.int32)
