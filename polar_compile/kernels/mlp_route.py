@@ -13,12 +13,11 @@ B. ``_boundary_kernel``, one program per CHUNK keys: from the histogram (each pr
    boundary bin b* holding the k-th largest key and ``above`` = #{keys in bins > b*}; for its chunk, ``counts[p]``
    = #{keys in bins > b*}, and its keys of bin b* with their indices appended to a candidate buffer of CAPACITY at
    slots from one atomic counter (in no particular order; past CAPACITY only counted).
-C. ``_write_kernel``, one program per CHUNK keys, each alone: T = the k-th largest key, from the candidates in
-   registers: when they fit in SMALL slots (the usual case) each one's count of candidates >= it, all pairs compared
-   (a binary search is up to 17 dependent reductions); in CAPACITY slots, that binary search between the smallest
-   and the largest candidate; when the buffer overflowed, the same search counting over every key of bin b* read
-   chunk by chunk (slow, exact, rare — a bin crowded by equal scores, e.g. dead neurons all exactly 0, has min ==
-   max and needs no step). Keys > T are all kept, keys == T the ``need`` lowest indices.
+C. ``_write_kernel``, one program per CHUNK keys, each alone: T = the k-th largest key, by a five-way search
+   between the smallest and the largest candidate (counting in registers, over SMALL or CAPACITY slots, four probes
+   a reduction: <= 8 steps where a binary search took 17; when the buffer overflowed, a binary search counting over
+   every key of bin b* read chunk by chunk: slow, exact, rare — a bin crowded by equal scores, e.g. dead neurons all
+   exactly 0, has min == max and needs no step). Keys > T are all kept, keys == T the ``need`` lowest indices.
    Each kept key goes to slot #{kept keys before it} = #{keys > T before it} + min(need, #{keys == T before it}):
    before the chunk from ``counts`` and the candidates, within it from one prefix sum. So ``idx`` is in ascending
    index order and each of its k slots is written exactly once, whatever the scores.
@@ -52,7 +51,7 @@ _BIN_OFFSET = 95 << 6
 _CHUNK = 1024  # keys per program of launches B and C; < 2**15: two counts share an int32 prefix sum
 _NUM_WARPS = 4
 _CAPACITY = 4096  # candidates of the boundary bin, searched in registers by every program of launch C
-_SMALL = 256  # ... ranked pairwise in a vector this wide when they fit
+_SMALL = 256  # ... over a vector this wide when they fit (a reduction over CAPACITY per search step costs)
 
 
 @triton.jit
@@ -166,39 +165,40 @@ def _count_at_least(SCORES, end, boundary, least, NUM_BINS: tl.constexpr, BIN_SH
 
 
 @triton.jit
-def _threshold_of_candidates(CAND_KEY, CAND_IDX, cands, above, k, chunk_start, ffn, WIDTH: tl.constexpr,
-                             RANKED: tl.constexpr):
-    """T = the k-th largest key: the largest candidate of bin b* with ``above`` + #{candidates >= it} >= k, over
-    the ``cands`` <= WIDTH candidates held in registers; returns (T, #{keys > T}, #{candidates before the chunk
-    > T}, #{... == T}).
+def _threshold_of_candidates(CAND_KEY, CAND_IDX, cands, above, k, chunk_start, ffn, WIDTH: tl.constexpr):
+    """T = the k-th largest key: the largest key T with ``above`` + #{candidates >= T} >= k, by a five-way search
+    between the smallest and the largest of the ``cands`` <= WIDTH candidates of bin b* held in registers; returns
+    (T, #{keys > T}, #{candidates before the chunk > T}, #{... == T}).
 
-    RANKED: each candidate's count of candidates >= it, by comparing all pairs, BLOCK_J columns at a time (a few
-    steps for a small bin); else a binary search between the smallest and the largest candidate, one reduction
-    over WIDTH a step (up to 17 steps: a bin spans 2**17 keys)."""
+    Each step counts the candidates at or above four probes in one reduction (four counts <= WIDTH < 2**16 packed
+    in an int64): a bin spans 2**17 keys, so <= 8 dependent reductions where a binary search takes 17."""
     c_offs = tl.arange(0, WIDTH)
     c_ok = c_offs < cands
     cand_key = tl.load(CAND_KEY + c_offs, mask=c_ok, other=-1)  # -1: below every key
     cand_before = tl.load(CAND_IDX + c_offs, mask=c_ok, other=ffn) < chunk_start
-    if RANKED:
-        at_least = tl.zeros([WIDTH], dtype=tl.int32)  # #{candidates >= cand_key}
-        for j0 in range(0, cands, 32):
-            j = j0 + tl.arange(0, 32)
-            other = tl.load(CAND_KEY + j, mask=j < cands, other=-1)
-            at_least += tl.sum((other[None, :] >= cand_key[:, None]).to(tl.int32), axis=1)
-        threshold = tl.max(tl.where(c_ok & (above + at_least >= k), cand_key, -1), axis=0)
-    else:
-        threshold = tl.min(tl.where(c_ok, cand_key, 0x7FFFFFFF), axis=0)  # #{keys >= it} = above + cands >= k
-        hi = tl.max(cand_key, axis=0) + 1  # #{keys >= hi} = above < k
-        while hi - threshold > 1:
-            mid = threshold + (hi - threshold) // 2
-            enough = above + tl.sum((cand_key >= mid).to(tl.int32), axis=0) >= k
-            threshold = tl.where(enough, mid, threshold)
-            hi = tl.where(enough, hi, mid)
+    lo = tl.min(tl.where(c_ok, cand_key, 0x7FFFFFFF), axis=0)  # #{keys >= lo} = above + cands >= k
+    hi = tl.max(cand_key, axis=0) + 1  # #{keys >= hi} = above < k
+    while hi - lo > 1:
+        fifth = (hi - lo) // 5
+        rest = (hi - lo) % 5  # probe i = lo + floor((hi - lo) * i / 5), without overflowing int32 (clamped bins)
+        packed = tl.zeros([WIDTH], dtype=tl.int64)
+        for i in tl.static_range(1, 5):
+            packed |= (cand_key >= lo + fifth * i + rest * i // 5).to(tl.int64) << (16 * (i - 1))
+        packed = tl.sum(packed, axis=0)
+        new_lo = lo
+        new_hi = hi
+        for i in tl.static_range(1, 5):  # probes ascend, so "enough" holds for a prefix of them
+            probe = lo + fifth * i + rest * i // 5
+            enough = above + ((packed >> (16 * (i - 1))) & 0xFFFF).to(tl.int32) >= k
+            new_lo = tl.where(enough, tl.maximum(new_lo, probe), new_lo)
+            new_hi = tl.where(enough, new_hi, tl.minimum(new_hi, probe))
+        lo = new_lo
+        hi = new_hi
     # three counts <= WIDTH < 2**16 in one reduction: bits 0-15, 16-31, 32-47
-    gt = cand_key > threshold
+    gt = cand_key > lo
     packed = tl.sum(gt.to(tl.int64) | ((cand_before & gt).to(tl.int64) << 16)
-                    | ((cand_before & (cand_key == threshold)).to(tl.int64) << 32), axis=0)
-    return threshold, above + (packed & 0xFFFF).to(tl.int32), ((packed >> 16) & 0xFFFF).to(tl.int32), \
+                    | ((cand_before & (cand_key == lo)).to(tl.int64) << 32), axis=0)
+    return lo, above + (packed & 0xFFFF).to(tl.int32), ((packed >> 16) & 0xFFFF).to(tl.int32), \
         (packed >> 32).to(tl.int32)
 
 
@@ -216,12 +216,12 @@ def _write_kernel(SCORES, CAND_COUNT, COUNTS, META, CAND_KEY, CAND_IDX, IDX, ffn
     cands = tl.load(CAND_COUNT)
     # T = the largest key with #{keys >= T} >= k, between the smallest and the largest key of bin b*;
     # then #{keys > T}, and #{keys of bin b* before the chunk} that are > T and == T
-    if cands <= SMALL:  # the usual case: a boundary bin of a few keys, ranked in a narrow vector
+    if cands <= SMALL:  # the usual case: a boundary bin of a few keys, searched over a narrow vector
         lo, greater, bin_gt_before, eq_before = _threshold_of_candidates(CAND_KEY, CAND_IDX, cands, above, k,
-                                                                   chunk_start, ffn, SMALL, True)
+                                                                   chunk_start, ffn, SMALL)
     elif cands <= CAPACITY:
         lo, greater, bin_gt_before, eq_before = _threshold_of_candidates(CAND_KEY, CAND_IDX, cands, above, k,
-                                                                   chunk_start, ffn, CAPACITY, False)
+                                                                   chunk_start, ffn, CAPACITY)
     else:  # the buffer overflowed: the same over every key of bin b*, read from the scores
         lo = tl.full([], 0x7FFFFFFF, dtype=tl.int32)
         hi = tl.zeros([], dtype=tl.int32)
