@@ -13,11 +13,11 @@ B. ``_boundary_kernel``, one program per CHUNK keys: from the histogram (each pr
    boundary bin b* holding the k-th largest key and ``above`` = #{keys in bins > b*}; for its chunk, ``counts[p]``
    = #{keys in bins > b*}, and its keys of bin b* with their indices appended to a candidate buffer of CAPACITY at
    slots from one atomic counter (in no particular order; past CAPACITY only counted).
-C. ``_write_kernel``, one program per CHUNK keys, each alone: T = the k-th largest key, by a five-way search
-   between the smallest and the largest candidate (counting in registers, over SMALL or CAPACITY slots, four probes
-   a reduction: <= 8 steps where a binary search took 17; when the buffer overflowed, a binary search counting over
-   every key of bin b* read chunk by chunk: slow, exact, rare — a bin crowded by equal scores, e.g. dead neurons all
-   exactly 0, has min == max and needs no step). Keys > T are all kept, keys == T the ``need`` lowest indices.
+C. ``_write_kernel``, one program per CHUNK keys, each alone: T = the k-th largest key, by a search between the
+   smallest and the largest candidate, counting in registers: five-way over SMALL slots (four probes a reduction,
+   <= 8 steps), binary over CAPACITY slots; when the buffer overflowed, a binary search counting over every key of
+   bin b* read chunk by chunk (slow, exact, rare — a bin crowded by equal scores, e.g. dead neurons all exactly 0,
+   has min == max and needs no step). Keys > T are all kept, keys == T the ``need`` lowest indices.
    Each kept key goes to slot #{kept keys before it} = #{keys > T before it} + min(need, #{keys == T before it}):
    before the chunk from ``counts`` and the candidates, within it from one prefix sum. So ``idx`` is in ascending
    index order and each of its k slots is written exactly once, whatever the scores.
@@ -165,13 +165,16 @@ def _count_at_least(SCORES, end, boundary, least, NUM_BINS: tl.constexpr, BIN_SH
 
 
 @triton.jit
-def _threshold_of_candidates(CAND_KEY, CAND_IDX, cands, above, k, chunk_start, ffn, WIDTH: tl.constexpr):
-    """T = the k-th largest key: the largest key T with ``above`` + #{candidates >= T} >= k, by a five-way search
-    between the smallest and the largest of the ``cands`` <= WIDTH candidates of bin b* held in registers; returns
-    (T, #{keys > T}, #{candidates before the chunk > T}, #{... == T}).
+def _threshold_of_candidates(CAND_KEY, CAND_IDX, cands, above, k, chunk_start, ffn, WIDTH: tl.constexpr,
+                             PROBES: tl.constexpr):
+    """T = the k-th largest key: the largest key T with ``above`` + #{candidates >= T} >= k, by a (PROBES + 1)-way
+    search between the smallest and the largest of the ``cands`` <= WIDTH candidates of bin b* held in registers;
+    returns (T, #{keys > T}, #{candidates before the chunk > T}, #{... == T}).
 
-    Each step counts the candidates at or above four probes in one reduction (four counts <= WIDTH < 2**16 packed
-    in an int64): a bin spans 2**17 keys, so <= 8 dependent reductions where a binary search takes 17."""
+    Each step counts the candidates at or above PROBES (<= 4) probes in one reduction (counts <= WIDTH < 2**16
+    packed in an int64): a bin spans 2**17 keys, so 4 probes take <= 8 dependent steps where a binary search (1
+    probe) takes 17. On the H200 four probes paid where the boundary bin is small (launch C at B=1: 4.3 / 4.5 µs
+    instead of 4.8 / 5.0 at OPT-6.7B / 66B) and cost over the CAPACITY slots (OPT-66B B=64: 8.5 instead of 7.4)."""
     c_offs = tl.arange(0, WIDTH)
     c_ok = c_offs < cands
     cand_key = tl.load(CAND_KEY + c_offs, mask=c_ok, other=-1)  # -1: below every key
@@ -179,16 +182,16 @@ def _threshold_of_candidates(CAND_KEY, CAND_IDX, cands, above, k, chunk_start, f
     lo = tl.min(tl.where(c_ok, cand_key, 0x7FFFFFFF), axis=0)  # #{keys >= lo} = above + cands >= k
     hi = tl.max(cand_key, axis=0) + 1  # #{keys >= hi} = above < k
     while hi - lo > 1:
-        fifth = (hi - lo) // 5
-        rest = (hi - lo) % 5  # probe i = lo + floor((hi - lo) * i / 5), without overflowing int32 (clamped bins)
+        part = (hi - lo) // (PROBES + 1)
+        rest = (hi - lo) % (PROBES + 1)  # probe i = lo + floor((hi - lo) * i / (PROBES + 1)), no int32 overflow
         packed = tl.zeros([WIDTH], dtype=tl.int64)
-        for i in tl.static_range(1, 5):
-            packed |= (cand_key >= lo + fifth * i + rest * i // 5).to(tl.int64) << (16 * (i - 1))
+        for i in tl.static_range(1, PROBES + 1):
+            packed |= (cand_key >= lo + part * i + rest * i // (PROBES + 1)).to(tl.int64) << (16 * (i - 1))
         packed = tl.sum(packed, axis=0)
         new_lo = lo
         new_hi = hi
-        for i in tl.static_range(1, 5):  # probes ascend, so "enough" holds for a prefix of them
-            probe = lo + fifth * i + rest * i // 5
+        for i in tl.static_range(1, PROBES + 1):  # probes ascend, so "enough" holds for a prefix of them
+            probe = lo + part * i + rest * i // (PROBES + 1)
             enough = above + ((packed >> (16 * (i - 1))) & 0xFFFF).to(tl.int32) >= k
             new_lo = tl.where(enough, tl.maximum(new_lo, probe), new_lo)
             new_hi = tl.where(enough, new_hi, tl.minimum(new_hi, probe))
@@ -218,10 +221,10 @@ def _write_kernel(SCORES, CAND_COUNT, COUNTS, META, CAND_KEY, CAND_IDX, IDX, ffn
     # then #{keys > T}, and #{keys of bin b* before the chunk} that are > T and == T
     if cands <= SMALL:  # the usual case: a boundary bin of a few keys, searched over a narrow vector
         lo, greater, bin_gt_before, eq_before = _threshold_of_candidates(CAND_KEY, CAND_IDX, cands, above, k,
-                                                                   chunk_start, ffn, SMALL)
+                                                                   chunk_start, ffn, SMALL, 4)
     elif cands <= CAPACITY:
         lo, greater, bin_gt_before, eq_before = _threshold_of_candidates(CAND_KEY, CAND_IDX, cands, above, k,
-                                                                   chunk_start, ffn, CAPACITY)
+                                                                   chunk_start, ffn, CAPACITY, 1)
     else:  # the buffer overflowed: the same over every key of bin b*, read from the scores
         lo = tl.full([], 0x7FFFFFFF, dtype=tl.int32)
         hi = tl.zeros([], dtype=tl.int32)
