@@ -166,15 +166,16 @@ def _count_at_least(SCORES, end, boundary, least, NUM_BINS: tl.constexpr, BIN_SH
 
 @triton.jit
 def _threshold_of_candidates(CAND_KEY, CAND_IDX, cands, above, k, chunk_start, ffn, WIDTH: tl.constexpr,
-                             PROBES: tl.constexpr):
+                             PROBES: tl.constexpr, PACKED: tl.constexpr):
     """T = the k-th largest key: the largest key T with ``above`` + #{candidates >= T} >= k, by a (PROBES + 1)-way
     search between the smallest and the largest of the ``cands`` <= WIDTH candidates of bin b* held in registers;
     returns (T, #{keys > T}, #{candidates before the chunk > T}, #{... == T}).
 
-    Each step counts the candidates at or above PROBES (<= 4) probes in one reduction (counts <= WIDTH < 2**16
-    packed in an int64): a bin spans 2**17 keys, so 4 probes take <= 8 dependent steps where a binary search (1
-    probe) takes 17. On the H200 four probes paid where the boundary bin is small (launch C at B=1: 4.3 / 4.5 µs
-    instead of 4.8 / 5.0 at OPT-6.7B / 66B) and cost over the CAPACITY slots (OPT-66B B=64: 8.5 instead of 7.4)."""
+    Each step counts the candidates at or above PROBES probes in one reduction (counts <= WIDTH < 2**16, in 16-bit
+    fields of a PACKED integer: int32 for one probe, int64 for up to four): a bin spans 2**17 keys, so four probes
+    take <= 8 dependent steps where a binary search (one probe) takes 17. On the H200 four probes paid where the
+    boundary bin is small (launch C at B=1: 4.3 / 4.5 µs instead of 4.8 / 5.0 at OPT-6.7B / 66B); over CAPACITY
+    slots int64 reductions cost (OPT-66B B=64: 8.5 instead of 7.4), so that search stays binary in int32."""
     c_offs = tl.arange(0, WIDTH)
     c_ok = c_offs < cands
     cand_key = tl.load(CAND_KEY + c_offs, mask=c_ok, other=-1)  # -1: below every key
@@ -184,9 +185,9 @@ def _threshold_of_candidates(CAND_KEY, CAND_IDX, cands, above, k, chunk_start, f
     while hi - lo > 1:
         part = (hi - lo) // (PROBES + 1)
         rest = (hi - lo) % (PROBES + 1)  # probe i = lo + floor((hi - lo) * i / (PROBES + 1)), no int32 overflow
-        packed = tl.zeros([WIDTH], dtype=tl.int64)
+        packed = tl.zeros([WIDTH], dtype=PACKED)
         for i in tl.static_range(1, PROBES + 1):
-            packed |= (cand_key >= lo + part * i + rest * i // (PROBES + 1)).to(tl.int64) << (16 * (i - 1))
+            packed |= (cand_key >= lo + part * i + rest * i // (PROBES + 1)).to(PACKED) << (16 * (i - 1))
         packed = tl.sum(packed, axis=0)
         new_lo = lo
         new_hi = hi
@@ -197,12 +198,11 @@ def _threshold_of_candidates(CAND_KEY, CAND_IDX, cands, above, k, chunk_start, f
             new_hi = tl.where(enough, new_hi, tl.minimum(new_hi, probe))
         lo = new_lo
         hi = new_hi
-    # three counts <= WIDTH < 2**16 in one reduction: bits 0-15, 16-31, 32-47
     gt = cand_key > lo
-    packed = tl.sum(gt.to(tl.int64) | ((cand_before & gt).to(tl.int64) << 16)
-                    | ((cand_before & (cand_key == lo)).to(tl.int64) << 32), axis=0)
-    return lo, above + (packed & 0xFFFF).to(tl.int32), ((packed >> 16) & 0xFFFF).to(tl.int32), \
-        (packed >> 32).to(tl.int32)
+    greater = above + tl.sum(gt.to(tl.int32), axis=0)
+    bin_gt_before = tl.sum((cand_before & gt).to(tl.int32), axis=0)
+    eq_before = tl.sum((cand_before & (cand_key == lo)).to(tl.int32), axis=0)
+    return lo, greater, bin_gt_before, eq_before
 
 
 @triton.jit
@@ -221,10 +221,10 @@ def _write_kernel(SCORES, CAND_COUNT, COUNTS, META, CAND_KEY, CAND_IDX, IDX, ffn
     # then #{keys > T}, and #{keys of bin b* before the chunk} that are > T and == T
     if cands <= SMALL:  # the usual case: a boundary bin of a few keys, searched over a narrow vector
         lo, greater, bin_gt_before, eq_before = _threshold_of_candidates(CAND_KEY, CAND_IDX, cands, above, k,
-                                                                   chunk_start, ffn, SMALL, 4)
+                                                                   chunk_start, ffn, SMALL, 4, tl.int64)
     elif cands <= CAPACITY:
         lo, greater, bin_gt_before, eq_before = _threshold_of_candidates(CAND_KEY, CAND_IDX, cands, above, k,
-                                                                   chunk_start, ffn, CAPACITY, 1)
+                                                                   chunk_start, ffn, CAPACITY, 1, tl.int32)
     else:  # the buffer overflowed: the same over every key of bin b*, read from the scores
         lo = tl.full([], 0x7FFFFFFF, dtype=tl.int32)
         hi = tl.zeros([], dtype=tl.int32)
