@@ -24,8 +24,8 @@ The sparse MLP (ReLU and gated-ReLU MLPs) selects one neuron set for all N rows 
 
 On CUDA route, select_attention and the gather ops run Triton kernels (``kernels/``, launched through
 ``wrap_triton``: ``triton_op`` lets Inductor and AOTInductor trace into them; the polar backend keeps them opaque,
-see ``backend.compile_graph``); mlp_route runs cuBLAS and two Triton kernels. Elsewhere each op runs its
-``*_reference`` function, plain PyTorch math.
+see ``backend.compile_graph``); mlp_route runs four Triton kernels (cuBLAS for its first GEMM above 16 rows).
+Elsewhere each op runs its ``*_reference`` function, plain PyTorch math.
 """
 
 from __future__ import annotations

@@ -1,10 +1,15 @@
-"""The MLP router: cuBLAS, then three Triton launches. ``sum_rows relu(low @ w_out^T)`` over the neurons, then the k
-best neurons in ascending index order, exact (as ``ops.mlp_route_reference``: ties to the lower index, NaN lowest,
--0.0 == +0.0).
+"""The MLP router: ``low = x @ w_in^T``, then three Triton launches. ``sum_rows relu(low @ w_out^T)`` over the
+neurons, then the k best neurons in ascending index order, exact (as ``ops.mlp_route_reference``: ties to the lower
+index, NaN lowest, -0.0 == +0.0).
 
-``low = x @ w_in^T`` ([N, rank], in x's dtype) comes from cuBLAS. Scores are sums of ReLUs (>= 0, or NaN), so as int
-keys ``bits(score) + 1`` (NaN -> 0, -0.0 -> +0.0) they order as the floats do. ``_bin`` maps keys to NUM_BINS
-histogram bins, monotone (64 bins per binade over [2**-32, 2**32), clamped outside).
+``low`` ([N, rank], in x's dtype) comes from ``_low_kernel`` for a decode batch of at most LOW_SPLIT_ROWS rows: the
+hidden dim split over programs that store fp32 partials, the last-arriving program of each rank block summing them
+in split order (the same bits every run) and rounding to x's dtype. cuBLAS runs a split-K GEMM and a reduction
+kernel here: 6.6 / 7.9 µs a call at OPT-6.7B / 66B B=1 against 5.0 / 7.6 µs for this launch with a memset of its
+own (H200, ``benchmarks/mlp_profile.py --parts route,low``, which times the launch alone); at B=64 cuBLAS was
+faster, and larger batches keep it. Scores are sums of ReLUs (>= 0, or NaN), so as int keys ``bits(score) + 1``
+(NaN -> 0, -0.0 -> +0.0) they order as the floats do. ``_bin`` maps keys to NUM_BINS histogram bins, monotone (64
+bins per binade over [2**-32, 2**32), clamped outside).
 
 A. ``_scores_kernel`` (or ``_histogram_kernel`` on given scores), one program per BLOCK_F neurons: the scores
    (``relu(low @ w_out[neurons]^T)`` summed over the rows, fp32), stored; their keys added to a global histogram,
@@ -24,10 +29,13 @@ C. ``_write_kernel``, one program per CHUNK keys, each alone: T = the k-th large
 
 Why three launches: a single launch whose last-arriving program selected alone, serially, measured 27 µs (ffn
 16384) to 50 µs (36864) for the selection on the H200, as long as the sparse MLP it steers. Launch boundaries order
-every memory access between the steps: no arrival counter or fences.
+every memory access between the steps. A graph node costs ~1 µs (an empty kernel 0.6 µs, a dependent load and
+store 1.1 µs, a memset 1.2 µs); each launch's own chain of dependent memory round trips and block reductions
+(3.7-4.8 µs for B and C) is the larger cost.
 
-The histogram and the candidate counter live in a zeroed workspace allocated per call (``_workspace``: one memset);
-the other buffers are scratch. Grids depend on shapes only: no host sync, CUDA-graph safe.
+The histogram, the candidate counter and ``_low_kernel``'s arrival counters live in a zeroed workspace allocated per
+call (``_workspace``: one memset); the other buffers are scratch. Grids depend on shapes only: no host sync,
+CUDA-graph safe.
 """
 
 from __future__ import annotations
@@ -40,9 +48,13 @@ from torch.library import wrap_triton
 
 from . import dot_types
 
-__all__ = ["MAX_SELECT_NEURONS", "mlp_route_triton", "top_k_ascending_triton"]
+__all__ = ["LOW_SPLIT_ROWS", "MAX_SELECT_NEURONS", "mlp_route_triton", "top_k_ascending_triton"]
 
 MAX_SELECT_NEURONS = 65536  # wider layers take the op's reference path: the widths tested and timed (no hard limit)
+LOW_SPLIT_ROWS = 16  # decode batches up to this many rows get x @ w_in^T from _low_kernel, larger ones from cuBLAS
+_BLOCK_RL = 16  # rank rows of w_in per program of _low_kernel
+_BLOCK_H = 128  # hidden columns per loop step of _low_kernel
+_MAX_LOW_SPLITS = 16
 _BLOCK_F = 64  # neurons per program of launch A
 _BLOCK_R = 64  # rank columns per loop step
 _NUM_BINS = 4096  # histogram bins: 64 per binade (key >> 17) over 64 binades from 2**-32 (key 95 << 23)
@@ -79,6 +91,42 @@ def _add_to_histogram(HIST, key, ok, BLOCK: tl.constexpr,
     earlier = tl.arange(0, BLOCK)[None, :] < tl.arange(0, BLOCK)[:, None]
     first = tl.sum((same & earlier).to(tl.int32), axis=1) == 0  # the block's first key in its bin
     tl.atomic_add(HIST + b, count, mask=ok & first, sem="relaxed")
+
+
+@triton.jit
+def _low_kernel(X, W_IN, PART, COUNTER, LOW, rows, hidden, rank, split_len,
+                stride_xn, stride_xh, stride_wr, stride_wh,
+                SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_RL: tl.constexpr, BLOCK_H: tl.constexpr,
+                DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # X: [N, hidden], N <= BLOCK_N   W_IN: [rank, hidden]   PART: [SPLITS, N, rank] fp32
+    # COUNTER: [rank blocks] int32, zero on entry   LOW: [N, rank] contiguous, x's dtype; grid (rank blocks, SPLITS)
+    pid_r = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = pid_r * BLOCK_RL + tl.arange(0, BLOCK_RL)
+    n_ok = offs_n < rows
+    r_ok = offs_r < rank
+    tile_ok = n_ok[:, None] & r_ok[None, :]
+    stop = tl.minimum(split * split_len + split_len, hidden)
+    acc = tl.zeros([BLOCK_N, BLOCK_RL], dtype=tl.float32)
+    for h0 in range(split * split_len, stop, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        h_ok = h < stop
+        x = tl.load(X + offs_n[:, None] * stride_xn + h[None, :] * stride_xh, mask=n_ok[:, None] & h_ok[None, :],
+                    other=0.0)  # [BLOCK_N, BLOCK_H]
+        w = tl.load(W_IN + offs_r[:, None] * stride_wr + h[None, :] * stride_wh, mask=r_ok[:, None] & h_ok[None, :],
+                    other=0.0)  # [BLOCK_RL, BLOCK_H]
+        acc = tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=DOT_PRECISION)
+    tile = offs_n[:, None] * rank + offs_r[None, :]
+    tl.store(PART + split * rows * rank + tile, acc, mask=tile_ok)
+    # every thread's partial store, then (the barrier orders them before it) one release-acquire count: the
+    # program that counts last sees all the block's partials, read through L2 (".cg": other programs wrote them)
+    tl.debug_barrier()
+    if tl.atomic_add(COUNTER + pid_r, 1, sem="acq_rel") == SPLITS - 1:
+        total = tl.zeros([BLOCK_N, BLOCK_RL], dtype=tl.float32)
+        for s in tl.static_range(SPLITS):  # in split order: the same bits every run
+            total += tl.load(PART + s * rows * rank + tile, mask=tile_ok, other=0.0, cache_modifier=".cg")
+        tl.store(LOW + tile, total.to(LOW.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
@@ -260,12 +308,13 @@ def _write_kernel(SCORES, CAND_COUNT, COUNTS, META, CAND_KEY, CAND_IDX, IDX, ffn
     tl.store(IDX + gt_at + tl.minimum(eq_at, need), n.to(tl.int64), mask=kept)
 
 
-def _workspace(device: torch.device) -> Tensor:
-    """A zeroed int32 [NUM_BINS + 1] (the histogram, then the candidate counter) for one call: one memset.
+def _workspace(device: torch.device, counters: int = 0) -> Tensor:
+    """A zeroed int32 [NUM_BINS + 1 + counters] (the histogram, the candidate counter, then ``_low_kernel``'s
+    arrival counters) for one call: one memset.
     A workspace cached across calls (kept zero by the launches) broke Inductor's CUDA-graph trees: first
     allocated during their warm-up run, it was a live tensor of the graphs' memory pool that no graph output
     tracked (H200, torch 2.11)."""
-    return torch.zeros(_NUM_BINS + 1, dtype=torch.int32, device=device)
+    return torch.zeros(_NUM_BINS + 1 + counters, dtype=torch.int32, device=device)
 
 
 def _select(scores: Tensor, workspace: Tensor, idx: Tensor, k: int, chunk: int, capacity: int) -> None:
@@ -276,7 +325,7 @@ def _select(scores: Tensor, workspace: Tensor, idx: Tensor, k: int, chunk: int, 
     scratch = torch.empty(programs + 2 + 2 * capacity, dtype=torch.int32, device=scores.device)
     counts, meta = scratch[:programs], scratch[programs:programs + 2]
     cand_key, cand_idx = scratch[programs + 2:programs + 2 + capacity], scratch[programs + 2 + capacity:]
-    cand_count = workspace[_NUM_BINS:]
+    cand_count = workspace[_NUM_BINS:_NUM_BINS + 1]
     bins = dict(NUM_BINS=_NUM_BINS, BIN_SHIFT=_BIN_SHIFT, BIN_OFFSET=_BIN_OFFSET, CHUNK=chunk, CAPACITY=capacity)
     wrap_triton(_boundary_kernel)[(programs,)](
         scores, workspace, cand_count, counts, meta, cand_key, cand_idx, ffn, k, **bins, num_warps=_NUM_WARPS)
@@ -301,17 +350,40 @@ def top_k_ascending_triton(scores: Tensor, k: int, *, out: Tensor | None = None,
     return idx
 
 
+def _low(rows: Tensor, w_in: Tensor, workspace: Tensor) -> Tensor:
+    """``rows @ w_in^T`` [N <= LOW_SPLIT_ROWS, rank] in rows' dtype by ``_low_kernel``, its arrival counters the
+    zeroed tail of ``workspace``."""
+    n, hidden = rows.shape
+    rank = w_in.shape[0]
+    splits = min(_MAX_LOW_SPLITS, triton.cdiv(hidden, 2 * _BLOCK_H))  # >= 2 chunks a split
+    split_len = triton.cdiv(triton.cdiv(hidden, splits), _BLOCK_H) * _BLOCK_H
+    splits = triton.cdiv(hidden, split_len)  # every split non-empty
+    part = torch.empty(splits, n, rank, dtype=torch.float32, device=rows.device)
+    low = torch.empty(n, rank, dtype=rows.dtype, device=rows.device)
+    dot_dtype, dot_precision = dot_types(rows.dtype, rows.device)
+    wrap_triton(_low_kernel)[(triton.cdiv(rank, _BLOCK_RL), splits)](
+        rows, w_in, part, workspace[_NUM_BINS + 1:], low, n, hidden, rank, split_len,
+        rows.stride(0), rows.stride(1), w_in.stride(0), w_in.stride(1),
+        SPLITS=splits, BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_RL=_BLOCK_RL, BLOCK_H=_BLOCK_H, DOT_DTYPE=dot_dtype,
+        DOT_PRECISION=dot_precision, num_warps=_NUM_WARPS)
+    return low
+
+
 def mlp_route_triton(x: Tensor, w_in: Tensor, w_out: Tensor, k: int, *, scores: Tensor | None = None) -> Tensor:
-    """``polar::mlp_route`` on CUDA (fp16/bf16): cuBLAS for ``x @ w_in^T``, then launches A, B, C. ``scores``
-    (fp32 [ffn]), when given, receives the neurons' scores (tests)."""
+    """``polar::mlp_route`` on CUDA (fp16/bf16): ``x @ w_in^T`` (``_low_kernel`` up to LOW_SPLIT_ROWS rows, cuBLAS
+    above), then launches A, B, C. ``scores`` (fp32 [ffn]), when given, receives the neurons' scores (tests)."""
     rows = x.reshape(-1, x.shape[-1])
-    low = torch.nn.functional.linear(rows, w_in)  # [N, rank] in x's dtype
     ffn, rank = w_out.shape
     assert ffn <= MAX_SELECT_NEURONS and 1 <= k <= ffn
     if scores is None:
         scores = torch.empty(ffn, dtype=torch.float32, device=x.device)
     idx = torch.empty(k, dtype=torch.int64, device=x.device)
-    workspace = _workspace(x.device)
+    if rows.shape[0] <= LOW_SPLIT_ROWS:
+        workspace = _workspace(x.device, triton.cdiv(rank, _BLOCK_RL))
+        low = _low(rows, w_in, workspace)
+    else:
+        workspace = _workspace(x.device)
+        low = torch.nn.functional.linear(rows, w_in)  # [N, rank] in x's dtype
     dot_dtype, dot_precision = dot_types(x.dtype, x.device)
     block_n = min(64, max(16, triton.next_power_of_2(low.shape[0])))
     wrap_triton(_scores_kernel)[(triton.cdiv(ffn, _BLOCK_F),)](

@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from polar_compile.kernels.mlp_route import _CHUNK, mlp_route_triton, top_k_ascending_triton
+from polar_compile.kernels.mlp_route import _CHUNK, LOW_SPLIT_ROWS, mlp_route_triton, top_k_ascending_triton
 from tests.budget import examples
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,3 +150,21 @@ def test_scores_and_route_match_float64(rows, hidden, rank, ffn, dtype, data):
     chosen[idx] = True
     if k < ffn:  # a valid top-k of the float64 scores, up to the kernel's rounding
         assert expected[chosen].min() >= expected[~chosen].max() - 2 * tolerance * (1 + expected.abs().max())
+
+
+@pytest.mark.parametrize("rows", [1, 5, LOW_SPLIT_ROWS, LOW_SPLIT_ROWS + 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_hidden_low_rank_activation_matches_float64(rows, dtype):
+    """hidden 1000 splits x @ w_in^T over four programs per rank block (five blocks of rank 80), the last to arrive
+    summing the partials; x is a strided view. Above LOW_SPLIT_ROWS rows cuBLAS (here the CPU's GEMM) takes over:
+    both paths must give the float64 scores, and the top-k of the scores they wrote."""
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 2000, generator=generator).to(DEVICE, dtype)[:, ::2]
+    w_in = (torch.randn(80, 1000, generator=generator) / 1000**0.5).to(DEVICE, dtype)
+    w_out = (torch.randn(300, 80, generator=generator) / 80**0.5).to(DEVICE, dtype)
+    scores = torch.full((300,), float("nan"), device=DEVICE)
+    idx = mlp_route_triton(x, w_in, w_out, 37, scores=scores).cpu()
+    tolerance = 2e-5 if dtype == torch.float32 else 2e-2
+    expected = scores_float64(x.cpu(), w_in.cpu(), w_out.cpu())
+    torch.testing.assert_close(scores.cpu().double(), expected, rtol=tolerance, atol=tolerance * rows)
+    assert idx.tolist() == top_k_ascending(scores.cpu(), 37)
