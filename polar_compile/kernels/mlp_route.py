@@ -221,9 +221,10 @@ def _threshold_of_candidates(CAND_KEY, CAND_IDX, cands, above, k, chunk_start, f
 
     Each step counts the candidates at or above PROBES probes in one reduction (counts <= WIDTH < 2**16, in 16-bit
     fields of a PACKED integer: int32 for one probe, int64 for up to four): a bin spans 2**17 keys, so four probes
-    take <= 8 dependent steps where a binary search (one probe) takes 17. On the H200 four probes paid where the
-    boundary bin is small (launch C at B=1: 4.3 / 4.5 µs instead of 4.8 / 5.0 at OPT-6.7B / 66B); over CAPACITY
-    slots int64 reductions cost (OPT-66B B=64: 8.5 instead of 7.4), so that search stays binary in int32."""
+    take <= 8 dependent steps where a binary search (one probe) takes 17. Launch C on the H200 (OPT-6.7B B=1 / 64,
+    OPT-66B B=1 / 64): binary everywhere 4.8 / 4.8 / 5.0 / 7.4 µs; five-way everywhere 4.3 / 4.8 / 4.5 / 8.5;
+    five-way over SMALL and binary int32 over CAPACITY slots (as ``_write_kernel`` calls it) 4.5 / 4.7 / 4.8 /
+    7.4."""
     c_offs = tl.arange(0, WIDTH)
     c_ok = c_offs < cands
     cand_key = tl.load(CAND_KEY + c_offs, mask=c_ok, other=-1)  # -1: below every key
