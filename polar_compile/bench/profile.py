@@ -24,9 +24,10 @@ KERNEL_CATEGORIES = ("attention", "GEMMs", "router", "mlp", "other")
 MLP_KERNELS = ("_gather_up_kernel", "_gather_down_kernel", "_finish_kernel")
 """The sparse MLP's Triton kernels (``kernels/gather_gemm.py``): the gather-GEMMs and the split-summing finish."""
 
-ROUTER_KERNELS = ("_route_kernel", "_scores_kernel", "_histogram_kernel", "_boundary_kernel", "_write_kernel")
-"""The routers' Triton kernels: attention (``kernels/route.py``) and the MLP's scores and top-k
-(``kernels/mlp_route.py``)."""
+ROUTER_KERNELS = ("_route_kernel", "_low_kernel", "_scores_kernel", "_histogram_kernel", "_boundary_kernel",
+                  "_write_kernel")
+"""The routers' Triton kernels: attention (``kernels/route.py``) and the MLP's ``x @ w_in^T`` (up to 16 rows),
+scores and top-k (``kernels/mlp_route.py``)."""
 
 
 def is_attention_kernel(name: str) -> bool:
@@ -41,8 +42,8 @@ def kernel_category(name: str) -> str:
     ``attention``: dense SDPA or our selective attention kernels; ``GEMMs``: cuBLAS/CUTLASS GEMMs and Inductor's
     Triton GEMM templates; ``router``: the routers' Triton kernels (:data:`ROUTER_KERNELS`) and the sorts and
     fp32 batch sums of the MLP router's reference path (layers wider than ``MAX_SELECT_NEURONS``); the MLP router's
-    cuBLAS GEMM looks like any other GEMM and counts as ``GEMMs`` (:func:`~.step.mlp_router_seconds` times the
-    whole router on its own); ``mlp``: the sparse MLP's gather-GEMMs and their finish (:data:`MLP_KERNELS`);
+    cuBLAS GEMM (batches above 16 rows) looks like any other GEMM and counts as ``GEMMs``
+    (:func:`~.step.mlp_router_seconds` times the whole router on its own); ``mlp``: the sparse MLP's gather-GEMMs and their finish (:data:`MLP_KERNELS`);
     ``other``: anything else (Inductor's fused kernels, copies, memsets, the cache write).
     """
     if name in ROUTER_KERNELS:
