@@ -117,8 +117,8 @@ def mlp_router_seconds(routers: Sequence[tuple[Tensor, Tensor, int]], batch: int
     ``[batch, hidden]`` input, each layer with its own weights (no layer finds its router in L2 from the one before),
     captured in one CUDA graph and replayed ``repeats`` times; the median replay. 0.0 when no layer routes.
 
-    The in-step profile cannot tell the router's cuBLAS GEMM (above 16 rows) from the model's own (CUDA graphs hide which op
-    launched a kernel), so this is the MLP router time the report gives.
+    The in-step profile cannot tell the router's cuBLAS GEMM (above 16 rows) from the model's own (CUDA graphs hide
+    which op launched a kernel), so this is the MLP router time the report gives.
     """
     from .. import ops  # noqa: F401  (registers polar::mlp_route)
 
