@@ -1,8 +1,10 @@
 """Time of the MLP router (``polar::mlp_route``: rank-r GEMMs, ReLU, batch sum, top-k in ascending index order) on one
 GPU, beside the gather-GEMMs' dense MLP it steers, as ``benchmarks/mlp.py`` times (CUDA-graph replay over rotating
-fresh inputs, medians). Its parts: the cuBLAS GEMM ``x @ w_in^T`` alone, and the selection alone (the histogram,
-boundary-bin and write launches of ``kernels/mlp_route.py`` on given scores, ``top_k_ascending_triton``); the scores
-launch costs about the whole minus those two. Also times cuBLAS + ``torch.topk(sorted=False)``, an unsorted top-k.
+fresh inputs, medians). Its parts: the cuBLAS GEMM ``x @ w_in^T`` alone (the router's own first GEMM above 16 rows;
+up to 16 rows it runs a split-K Triton launch, which ``benchmarks/mlp_profile.py --parts route,low`` times), and the
+selection alone (the histogram, boundary-bin and write launches of ``kernels/mlp_route.py`` on given scores,
+``top_k_ascending_triton``); the scores launch costs about the whole minus those two. Also times cuBLAS +
+``torch.topk(sorted=False)``, an unsorted top-k.
 
     python benchmarks/mlp_router.py [--models opt-6.7b,opt-66b] [--batches 1,16,64] [--ranks 128,256,512]
 """
@@ -39,7 +41,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("mlp_router.py needs a CUDA GPU")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, density {args.density}")
-    print("| model | B | rank | router bytes / MLP bytes | mlp_route µs | GEMM x @ w_in^T µs | select µs "
+    print("| model | B | rank | router bytes / MLP bytes | mlp_route µs | cuBLAS x @ w_in^T µs | select µs "
           "| topk-unsorted µs |")
     print("|---|---|---|---|---|---|---|---|")
     for model in args.models.split(","):
