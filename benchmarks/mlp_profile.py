@@ -10,8 +10,9 @@ Parts (each prints its own lines):
            load->store kernel, a 16 KB memset (``torch.zeros``)
   route    ``polar::mlp_route`` (k = 10% of ffn, rank 192 / 432 as calibrate_mlp.auto_rank gives these shapes) and
            its cuBLAS ``x @ w_in^T`` alone: in-graph µs per call and each kernel's µs
-  low      a split-K Triton ``x @ w_in^T`` (fp32 partials, the last-arriving program of a rank block sums them in
-           split order) for splits 4 / 8 / 16 and hidden chunks 128 / 256, with its own counter memset
+  low      the router's split-K Triton ``x @ w_in^T`` (``_low_kernel``: fp32 partials, the last-arriving program of a
+           rank block sums them in split order) for splits 4 / 8 / 16 and hidden chunks 128 / 256, with its own
+           counter memset
   scores   the router's scores launch over BLOCK_F x BLOCK_R x num_warps x num_stages: the six fastest
   select   the selection launches alone (``top_k_ascending_triton``) over CHUNK x num_warps, and their kernels
   gathers  ``gather_up`` + ``gather_down`` at 10% of the neurons: in-graph µs and each kernel's µs
@@ -103,48 +104,22 @@ def _dependent_kernel(P, Q):
     tl.store(Q + tl.program_id(0), tl.load(P + tl.program_id(0)) + 1)
 
 
-@triton.jit
-def _low_split_kernel(X, W, PART, COUNTER, LOW, rows, hidden, rank, split_len,
-                      SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_RL: tl.constexpr, BLOCK_H: tl.constexpr):
-    # X: [N, hidden]   W: [rank, hidden]   PART: [SPLITS, N, rank] fp32   COUNTER: [rank blocks] int32, zero
-    # LOW: [N, rank] in x's dtype; grid (rank blocks, SPLITS); N <= BLOCK_N
-    pid_r = tl.program_id(0)
-    split = tl.program_id(1)
-    offs_r = pid_r * BLOCK_RL + tl.arange(0, BLOCK_RL)
-    offs_n = tl.arange(0, BLOCK_N)
-    tile_ok = (offs_n < rows)[:, None] & (offs_r < rank)[None, :]
-    stop = tl.minimum(split * split_len + split_len, hidden)
-    acc = tl.zeros([BLOCK_N, BLOCK_RL], dtype=tl.float32)
-    for h0 in range(split * split_len, stop, BLOCK_H):
-        h = h0 + tl.arange(0, BLOCK_H)
-        x = tl.load(X + offs_n[:, None] * hidden + h[None, :], mask=(offs_n < rows)[:, None] & (h < stop)[None, :],
-                    other=0.0)
-        w = tl.load(W + offs_r[:, None] * hidden + h[None, :], mask=(offs_r < rank)[:, None] & (h < stop)[None, :],
-                    other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc)
-    tl.store(PART + split * rows * rank + offs_n[:, None] * rank + offs_r[None, :], acc, mask=tile_ok)
-    tl.debug_barrier()  # every thread's partial store before the one release-acquire count
-    if tl.atomic_add(COUNTER + pid_r, 1, sem="acq_rel") == SPLITS - 1:
-        total = tl.zeros([BLOCK_N, BLOCK_RL], dtype=tl.float32)
-        for s in tl.static_range(SPLITS):  # in split order: the same bits every run
-            total += tl.load(PART + s * rows * rank + offs_n[:, None] * rank + offs_r[None, :], mask=tile_ok,
-                             other=0.0, cache_modifier=".cg")
-        tl.store(LOW + offs_n[:, None] * rank + offs_r[None, :], total.to(LOW.dtype.element_ty), mask=tile_ok)
-
-
-def low_split(x: torch.Tensor, w: torch.Tensor, splits: int, block_h: int, block_rl: int = 16) -> torch.Tensor:
-    """``x @ w^T`` in x's dtype by ``_low_split_kernel`` (x: [N <= 128, hidden], w: [rank, hidden], contiguous)."""
+def low_split(x: torch.Tensor, w: torch.Tensor, splits: int, block_h: int) -> torch.Tensor:
+    """``x @ w^T`` in x's dtype by the router's ``_low_kernel`` with ``splits`` x ``block_h`` (the router itself takes
+    16 x 128 at these widths), its arrival counters zeroed by a memset of their own."""
     rows, hidden = x.shape
     rank = w.shape[0]
-    blocks = triton.cdiv(rank, block_rl)
+    blocks = triton.cdiv(rank, route_kernels._BLOCK_RL)
     split_len = triton.cdiv(triton.cdiv(hidden, splits), block_h) * block_h
     splits = triton.cdiv(hidden, split_len)
     counter = torch.zeros(blocks, dtype=torch.int32, device=x.device)
     part = torch.empty(splits, rows, rank, dtype=torch.float32, device=x.device)
     low = torch.empty(rows, rank, dtype=x.dtype, device=x.device)
-    _low_split_kernel[(blocks, splits)](x, w, part, counter, low, rows, hidden, rank, split_len, SPLITS=splits,
-                                        BLOCK_N=max(16, triton.next_power_of_2(rows)), BLOCK_RL=block_rl,
-                                        BLOCK_H=block_h)
+    dot_dtype, dot_precision = dot_types(x.dtype, x.device)
+    route_kernels._low_kernel[(blocks, splits)](
+        x, w, part, counter, low, rows, hidden, rank, split_len, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        SPLITS=splits, BLOCK_N=max(16, triton.next_power_of_2(rows)), BLOCK_RL=route_kernels._BLOCK_RL,
+        BLOCK_H=block_h, DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision, num_warps=route_kernels._NUM_WARPS)
     return low
 
 

@@ -269,11 +269,11 @@ def _write_kernel(SCORES, CAND_COUNT, COUNTS, META, CAND_KEY, CAND_IDX, IDX, ffn
     # T = the largest key with #{keys >= T} >= k, between the smallest and the largest key of bin b*;
     # then #{keys > T}, and #{keys of bin b* before the chunk} that are > T and == T
     if cands <= SMALL:  # the usual case: a boundary bin of a few keys, searched over a narrow vector
-        lo, greater, bin_gt_before, eq_before = _threshold_of_candidates(CAND_KEY, CAND_IDX, cands, above, k,
-                                                                   chunk_start, ffn, SMALL, 4, tl.int64)
+        lo, greater, bin_gt_before, eq_before = _threshold_of_candidates(
+            CAND_KEY, CAND_IDX, cands, above, k, chunk_start, ffn, SMALL, 4, tl.int64)
     elif cands <= CAPACITY:
-        lo, greater, bin_gt_before, eq_before = _threshold_of_candidates(CAND_KEY, CAND_IDX, cands, above, k,
-                                                                   chunk_start, ffn, CAPACITY, 1, tl.int32)
+        lo, greater, bin_gt_before, eq_before = _threshold_of_candidates(
+            CAND_KEY, CAND_IDX, cands, above, k, chunk_start, ffn, CAPACITY, 1, tl.int32)
     else:  # the buffer overflowed: the same over every key of bin b*, read from the scores
         lo = tl.full([], 0x7FFFFFFF, dtype=tl.int32)
         hi = tl.zeros([], dtype=tl.int32)
@@ -365,8 +365,8 @@ def _low(rows: Tensor, w_in: Tensor, workspace: Tensor) -> Tensor:
     wrap_triton(_low_kernel)[(triton.cdiv(rank, _BLOCK_RL), splits)](
         rows, w_in, part, workspace[_NUM_BINS + 1:], low, n, hidden, rank, split_len,
         rows.stride(0), rows.stride(1), w_in.stride(0), w_in.stride(1),
-        SPLITS=splits, BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_RL=_BLOCK_RL, BLOCK_H=_BLOCK_H, DOT_DTYPE=dot_dtype,
-        DOT_PRECISION=dot_precision, num_warps=_NUM_WARPS)
+        SPLITS=splits, BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_RL=_BLOCK_RL, BLOCK_H=_BLOCK_H,
+        DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision, num_warps=_NUM_WARPS)
     return low
 
 
