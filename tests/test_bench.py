@@ -663,6 +663,7 @@ def test_mlp_table_marks_variants_that_did_not_run(tmp_path):
 @pytest.mark.parametrize(("kernel", "category"), [
     ("_gather_up_kernel", "mlp"),
     ("_gather_down_kernel", "mlp"),
+    ("_finish_kernel", "mlp"),
     ("_scores_kernel", "router"),
     ("_histogram_kernel", "router"),
     ("_boundary_kernel", "router"),

@@ -21,8 +21,8 @@ the baseline and the sparse steps."""
 KERNEL_CATEGORIES = ("attention", "GEMMs", "router", "mlp", "other")
 """The categories of :func:`kernel_breakdown`, in the order tables list them."""
 
-MLP_KERNELS = ("_gather_up_kernel", "_gather_down_kernel")
-"""The sparse MLP's Triton kernels (``kernels/gather_gemm.py``): the gather-GEMMs."""
+MLP_KERNELS = ("_gather_up_kernel", "_gather_down_kernel", "_finish_kernel")
+"""The sparse MLP's Triton kernels (``kernels/gather_gemm.py``): the gather-GEMMs and the split-summing finish."""
 
 ROUTER_KERNELS = ("_route_kernel", "_low_kernel", "_scores_kernel", "_histogram_kernel", "_boundary_kernel",
                   "_write_kernel")

@@ -124,8 +124,7 @@ def test_gather_down_matches_float64(rows, d_out, ffn, density, dtype, order, st
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_default_configs_split_and_finish(dtype):
-    """Shapes where the launch heuristic splits the reduction (few tiles for 132 SMs): fp32 partials summed by each
-    tile's last-arriving program."""
+    """Shapes where the launch heuristic splits the reduction (few tiles for 132 SMs): partials + _finish_kernel."""
     generator = torch.Generator().manual_seed(3)
     rows, d, ffn, k, d_out = 3, 600, 70, 40, 50
     up_config = gather_up_config(rows, d, k, True, dtype, torch.device(DEVICE))
