@@ -89,6 +89,15 @@ def _slot(b, NUM_BINS: tl.constexpr):
 
 
 @triton.jit
+def _histogram_in_bin_order(HIST, NUM_BINS: tl.constexpr):
+    """HIST's counts, [NUM_BINS] in bin order: loaded whole lines at a time (a load through ``_slot`` touches one
+    line per bin: 2.8 µs slower), then transposed in registers."""
+    LINES: tl.constexpr = NUM_BINS // 32
+    slots = tl.load(HIST + tl.arange(0, LINES)[:, None] * 32 + tl.arange(0, 32)[None, :])  # [LINES, 32]
+    return tl.reshape(tl.trans(slots), [NUM_BINS])  # bin j * LINES + line was at [line, j]
+
+
+@triton.jit
 def _add_to_histogram(HIST, key, ok, BLOCK: tl.constexpr,
                       NUM_BINS: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_OFFSET: tl.constexpr):
     """Adds this block's keys to HIST, one atomic per distinct bin: no same-address pile-up when many neurons share
@@ -190,7 +199,7 @@ def _boundary_kernel(SCORES, HIST, CAND_COUNT, COUNTS, META, CAND_KEY, CAND_IDX,
     n = pid * CHUNK + tl.arange(0, CHUNK)
     ok = n < ffn
     key = _score_key(tl.load(SCORES + n, mask=ok, other=0.0))
-    hist = tl.load(HIST + _slot(tl.arange(0, NUM_BINS), NUM_BINS))  # [NUM_BINS] in bin order
+    hist = _histogram_in_bin_order(HIST, NUM_BINS)
     at_or_above = ffn - tl.cumsum(hist, axis=0) + hist  # every neuron has a bin: the histogram sums to ffn
     boundary = tl.sum((at_or_above >= k).to(tl.int32), axis=0) - 1
     above = tl.max(tl.where(at_or_above < k, at_or_above, 0), axis=0)  # < k <= above + hist[boundary]
