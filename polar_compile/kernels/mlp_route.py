@@ -89,15 +89,12 @@ def _slot(b, NUM_BINS: tl.constexpr):
 
 
 @triton.jit
-def _at_or_above(HIST, ffn, NUM_BINS: tl.constexpr):
-    """#{keys in bins >= b} for every bin b, [NUM_BINS // 32, 32] with bin b at [b % (NUM_BINS // 32), b // ...]:
-    HIST loaded whole lines at a time and summed in bin order without reordering registers (a load through
-    ``_slot`` touches one line per bin: 2.8 µs slower; a transpose to bin order 0.8 µs)."""
+def _histogram_in_bin_order(HIST, NUM_BINS: tl.constexpr):
+    """HIST's counts, [NUM_BINS] in bin order: loaded whole lines at a time (a load through ``_slot`` touches one
+    line per bin: 2.8 µs slower), then transposed in registers."""
     LINES: tl.constexpr = NUM_BINS // 32
-    hist = tl.load(HIST + tl.arange(0, LINES)[:, None] * 32 + tl.arange(0, 32)[None, :])  # [LINES, 32]
-    column = tl.sum(hist, axis=0)  # [32]: bins j * LINES ... (j + 1) * LINES - 1
-    before = tl.cumsum(column, axis=0) - column  # [32]: keys in the bins of the columns before
-    return ffn - (before[None, :] + tl.cumsum(hist, axis=0)) + hist  # every key has a bin: hist sums to ffn
+    slots = tl.load(HIST + tl.arange(0, LINES)[:, None] * 32 + tl.arange(0, 32)[None, :])  # [LINES, 32]
+    return tl.reshape(tl.trans(slots), [NUM_BINS])  # bin j * LINES + line was at [line, j]
 
 
 @triton.jit
@@ -202,9 +199,10 @@ def _boundary_kernel(SCORES, HIST, CAND_COUNT, COUNTS, META, CAND_KEY, CAND_IDX,
     n = pid * CHUNK + tl.arange(0, CHUNK)
     ok = n < ffn
     key = _score_key(tl.load(SCORES + n, mask=ok, other=0.0))
-    at_or_above = _at_or_above(HIST, ffn, NUM_BINS)  # non-increasing in the bin, ffn at bin 0
-    boundary = tl.sum(tl.sum((at_or_above >= k).to(tl.int32), axis=1), axis=0) - 1
-    above = tl.max(tl.max(tl.where(at_or_above < k, at_or_above, 0), axis=1), axis=0)  # < k <= above + hist[boundary]
+    hist = _histogram_in_bin_order(HIST, NUM_BINS)
+    at_or_above = ffn - tl.cumsum(hist, axis=0) + hist  # every neuron has a bin: the histogram sums to ffn
+    boundary = tl.sum((at_or_above >= k).to(tl.int32), axis=0) - 1
+    above = tl.max(tl.where(at_or_above < k, at_or_above, 0), axis=0)  # < k <= above + hist[boundary]
     if pid == 0:
         tl.store(META, boundary)
         tl.store(META + 1, above)
