@@ -13,7 +13,7 @@ bins per binade over [2**-32, 2**32), clamped outside).
 
 A. ``_scores_kernel`` (or ``_histogram_kernel`` on given scores), one program per BLOCK_F neurons: the scores
    (``relu(low @ w_out[neurons]^T)`` summed over the rows, fp32), stored; their keys added to a global histogram,
-   one atomic per distinct bin of the block.
+   one atomic per distinct bin of the block, adjacent bins on different L2 lines (``_slot``).
 B. ``_boundary_kernel``, one program per CHUNK keys: from the histogram (each program alone, redundantly) the
    boundary bin b* holding the k-th largest key and ``above`` = #{keys in bins > b*}; for its chunk, ``counts[p]``
    = #{keys in bins > b*}, and its keys of bin b* with their indices appended to a candidate buffer of CAPACITY at
@@ -148,22 +148,17 @@ def _low_kernel(X, W_IN, PART, COUNTER, LOW, rows, hidden, rank, split_len,
 
 
 @triton.jit
-def _scores_kernel(
-    LOW, W_OUT, SCORES, HIST, rows, ffn, rank,
-    stride_ln, stride_lr, stride_wf, stride_wr,
-    BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_R: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    NUM_BINS: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_OFFSET: tl.constexpr,
-):
-    # Launch A. LOW: [N, rank]   W_OUT: [ffn, rank]   SCORES: [ffn] fp32   HIST: [NUM_BINS] int32, zero on entry
-    offs_f = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
-    f_ok = offs_f < ffn
+def _neuron_scores(LOW, W_OUT, offs_f, f_ok, rows, rank, stride_ln, stride_lr, stride_wf, stride_wr,
+                   BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The neurons' scores: ``relu(low @ w_out[offs_f]^T)`` summed over the rows, [BLOCK_F] fp32."""
+    # LOW: [N, rank]   W_OUT: [ffn, rank]   offs_f, f_ok: [BLOCK_F]
     offs_r = tl.arange(0, BLOCK_R)
-    total = tl.zeros([BLOCK_F], dtype=tl.float32)
+    total = tl.zeros(offs_f.shape, dtype=tl.float32)
     for n0 in range(0, rows, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < rows
-        acc = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, offs_f.shape[0]], dtype=tl.float32)
         for r0 in range(0, rank, BLOCK_R):
             r = r0 + offs_r
             r_ok = r < rank
@@ -174,6 +169,22 @@ def _scores_kernel(
             acc = tl.dot(low.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=DOT_PRECISION)
         acc = tl.where(acc < 0, 0.0, acc)  # ReLU; NaN stays NaN
         total += tl.sum(tl.where(n_ok[:, None], acc, 0.0), axis=0)
+    return total
+
+
+@triton.jit
+def _scores_kernel(
+    LOW, W_OUT, SCORES, HIST, rows, ffn, rank,
+    stride_ln, stride_lr, stride_wf, stride_wr,
+    BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_BINS: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_OFFSET: tl.constexpr,
+):
+    # Launch A. LOW: [N, rank]   W_OUT: [ffn, rank]   SCORES: [ffn] fp32   HIST: [NUM_BINS] int32, zero on entry
+    offs_f = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
+    f_ok = offs_f < ffn
+    total = _neuron_scores(LOW, W_OUT, offs_f, f_ok, rows, rank, stride_ln, stride_lr, stride_wf, stride_wr,
+                           BLOCK_N, BLOCK_R, DOT_DTYPE, DOT_PRECISION)
     tl.store(SCORES + offs_f, total, mask=f_ok)
     _add_to_histogram(HIST, _score_key(total), f_ok, BLOCK_F, NUM_BINS, BIN_SHIFT, BIN_OFFSET)
 
