@@ -83,7 +83,8 @@ def _bin(key, NUM_BINS: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_OFFSET: tl.co
 def _slot(b, NUM_BINS: tl.constexpr):
     """Where bin b's count lives in HIST: consecutive bins 32 slots (128 bytes) apart, so the few dozen bins that
     a layer's scores crowd into spread over many L2 lines instead of sharing a handful (their atomics serialize per
-    line: the scores launch measured 1.0-2.8 µs faster on the H200, benchmarks/mlp-runs/run12-*)."""
+    line: the scores launch measured up to 2.8 µs faster on the H200, none at OPT-6.7B B=1;
+    ``benchmarks/mlp_histogram.py``)."""
     LINES: tl.constexpr = NUM_BINS // 32
     return (b % LINES) * 32 + b // LINES
 
