@@ -19,6 +19,11 @@ _MLP_MODULES = {
     "phi3": lambda layer: (layer.mlp.gate_up_proj, layer.mlp.down_proj),
     "falcon": lambda layer: (layer.mlp.dense_h_to_4h, layer.mlp.dense_4h_to_h),
     "nemotron": lambda layer: (layer.mlp.up_proj, layer.mlp.down_proj),
+    "qwen2": lambda layer: (layer.mlp.up_proj, layer.mlp.down_proj),
+    "gemma": lambda layer: (layer.mlp.up_proj, layer.mlp.down_proj),
+    "glm": lambda layer: (layer.mlp.gate_up_proj, layer.mlp.down_proj),
+    "starcoder2": lambda layer: (layer.mlp.c_fc, layer.mlp.c_proj),
+    "gpt_bigcode": lambda layer: (layer.mlp.c_fc, layer.mlp.c_proj),
 }
 
 

@@ -28,6 +28,8 @@ RELU = {
     "gpt_neox": ({"hidden_act": "relu"}, "intermediate_size", ("dense_h_to_4h", "dense_4h_to_h")),
     "llama": ({"hidden_act": "relu"}, "intermediate_size", ("gate_proj", "down_proj")),
     "phi3": ({"hidden_act": "relu"}, "intermediate_size", ("gate_up_proj", "down_proj")),  # fused gate/up
+    "glm": ({"hidden_act": "relu"}, "intermediate_size", ("gate_up_proj", "down_proj")),  # fused gate/up
+    "gpt_bigcode": ({"activation_function": "relu"}, "n_inner", ("c_fc", "c_proj")),
 }
 
 
@@ -104,7 +106,7 @@ def test_the_mlp_hook_sees_the_mlps_input_and_hidden_activation(family):
     assert instrumented.mlp_layers == [0, 1]
     for layer in (0, 1):
         info, x, h = got[layer]
-        assert info == MlpInfo(layer, 32, 48, gated=family in ("llama", "phi3"))
+        assert info == MlpInfo(layer, 32, 48, gated=family in ("llama", "phi3", "glm"))
         assert x.shape == (3, 7, 32) and h.shape == (3, 7, 48)
         torch.testing.assert_close(x, seen[layer, "x"])
         torch.testing.assert_close(h, seen[layer, "h"])

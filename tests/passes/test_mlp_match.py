@@ -21,6 +21,11 @@ RELU = {
     "phi3": ({"hidden_act": "relu"}, True, 64),  # gate and up: the two halves of one fused projection
     "falcon": ({"activation": "relu"}, False, 128),  # projections are x @ weight.T
     "nemotron": ({"hidden_act": "relu2"}, False, 64),  # squared ReLU: square(relu(up(x))), its default
+    "qwen2": ({"hidden_act": "relu"}, True, 64),
+    "gemma": ({"hidden_act": "relu"}, True, 64),
+    "glm": ({"hidden_act": "relu"}, True, 64),  # gate and up fused, as Phi-3
+    "starcoder2": ({"hidden_act": "relu"}, False, 64),
+    "gpt_bigcode": ({"activation_function": "relu"}, False, 128),
 }
 SQUARED = ("nemotron",)  # their activation is relu2
 OTHER = {"llama": "silu", "gpt_neox": "gelu", "gpt2": "add+mul+pow+tanh", "falcon": "gelu", "phi3": "silu"}
