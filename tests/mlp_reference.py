@@ -24,12 +24,18 @@ _MLP_MODULES = {
     "glm": lambda layer: (layer.mlp.gate_up_proj, layer.mlp.down_proj),
     "starcoder2": lambda layer: (layer.mlp.c_fc, layer.mlp.c_proj),
     "gpt_bigcode": lambda layer: (layer.mlp.c_fc, layer.mlp.c_proj),
+    "gptj": lambda layer: (layer.mlp.fc_in, layer.mlp.fc_out),
+    "codegen": lambda layer: (layer.mlp.fc_in, layer.mlp.fc_out),
+    "xglm": lambda layer: (layer.fc1, layer.fc2),
+    "biogpt": lambda layer: (layer.fc1, layer.fc2),
+    "persimmon": lambda layer: (layer.mlp.dense_h_to_4h, layer.mlp.dense_4h_to_h),
 }
 
 
 def decoder_layer_list(model: nn.Module) -> nn.ModuleList:
     """The model's decoder layers (by the HF attribute names of the families above)."""
-    base = getattr(model, "model", None) or getattr(model, "transformer", None) or model.gpt_neox
+    base = (getattr(model, "model", None) or getattr(model, "transformer", None) or getattr(model, "biogpt", None)
+            or model.gpt_neox)
     base = getattr(base, "decoder", base)
     return getattr(base, "layers", None) or base.h
 

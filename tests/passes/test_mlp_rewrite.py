@@ -5,6 +5,7 @@ or in the options, and follow re-attach, another table and another batch size wi
 
 import pytest
 import torch
+import transformers
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -74,6 +75,42 @@ def test_decode_logits_equal_the_masked_reference(family, batch, density, rank, 
     assert [(s.layer, s.rewritten, s.kept) for s in report.sites_of("mlp")] == [
         (layer, True, bank.mlp.k_for(layer, batch)) for layer in (0, 1)] and bank.mlp.ffn_size == ffn
 
+
+# Decoders outside tests/models.py's families, ReLU by their config: GPT-J and CodeGen (attention and MLP in
+# parallel on one LayerNorm), XGLM, BioGPT, Persimmon (squared ReLU, its default)
+OTHER_RELU_DECODERS = {
+    "gptj": lambda: transformers.GPTJConfig(vocab_size=97, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+                                            n_positions=64, activation_function="relu"),
+    "codegen": lambda: transformers.CodeGenConfig(vocab_size=97, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+                                                  n_positions=64, n_ctx=64, activation_function="relu"),
+    "xglm": lambda: transformers.XGLMConfig(vocab_size=97, d_model=32, num_layers=2, attention_heads=4, ffn_dim=64,
+                                            max_position_embeddings=64, activation_function="relu"),
+    "biogpt": lambda: transformers.BioGptConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=4, intermediate_size=64,
+                                                max_position_embeddings=64, hidden_act="relu"),
+    "persimmon": lambda: transformers.PersimmonConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2,
+                                                      num_attention_heads=4, intermediate_size=64,
+                                                      max_position_embeddings=64),
+}
+
+
+@pytest.mark.parametrize("family", OTHER_RELU_DECODERS)
+def test_other_relu_decoders_equal_the_masked_reference(family):
+    config = OTHER_RELU_DECODERS[family]()
+    config._attn_implementation = "eager" if family == "xglm" else "sdpa"  # XGLM has no SDPA path
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    bank = mlp_bank(model, seed=1, topk={4: 0.3})
+    driver = driver_for(model, 3, seed=3)
+    expected, gap = reference(model, family, bank.mlp, driver)
+    assert gap > 1e-5
+    torch._dynamo.reset()
+    got = polar_logits(compiled(model, {"routers": bank}), driver)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    dense = polar_logits(model.forward, driver)
+    assert (got - dense).abs().max() > 1e-3  # the reference really is sparse here
+    report = polar_compile.explain(model, **driver.decode_inputs(driver.prefill()), options={"routers": bank})
+    assert [(s.layer, s.rewritten) for s in report.sites_of("mlp")] == [(0, True), (1, True)]
 
 def test_a_fused_gate_up_projection_with_a_bias_cuts_both_in_halves():
     """Phi-3's gate_up_proj given a bias (the stock one has none): each half of the bias goes with its half of the
