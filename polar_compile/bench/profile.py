@@ -44,7 +44,8 @@ def kernel_category(name: str) -> str:
     fp32 batch sums of the MLP router's reference path (layers wider than ``MAX_SELECT_NEURONS``); the MLP router's
     cuBLAS GEMM (batches above 16 rows) looks like any other GEMM and counts as ``GEMMs``
     (:func:`~.step.mlp_router_seconds` times the whole router on its own); ``mlp``: the sparse MLP's gather-GEMMs
-    and their finish (:data:`MLP_KERNELS`); ``other``: anything else (Inductor's fused kernels, copies, memsets, the cache write).
+    and their finish (:data:`MLP_KERNELS`); ``other``: anything else (Inductor's fused kernels, copies, memsets,
+    the cache write).
     """
     if name in ROUTER_KERNELS:
         return "router"

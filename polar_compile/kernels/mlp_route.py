@@ -5,8 +5,8 @@ index, NaN lowest, -0.0 == +0.0).
 ``low`` ([N, rank], in x's dtype) comes from ``_low_kernel`` for a decode batch of at most LOW_SPLIT_ROWS rows: the
 hidden dim split over programs that store fp32 partials, the last-arriving program of each rank block summing them
 in split order (the same bits every run) and rounding to x's dtype. cuBLAS runs a split-K GEMM and a reduction
-kernel here: 6.6 / 7.9 µs a call at OPT-6.7B / 66B B=1 against 5.0 / 7.6 µs for this launch with a memset of its
-own (H200, ``benchmarks/mlp_profile.py --parts route,low``, which times the launch alone); at B=64 cuBLAS was
+kernel here: 4.0 + 1.4 / 4.8 + 1.8 µs at OPT-6.7B / 66B B=1 against 3.8 / 6.2 µs for this launch in the router
+(H200, ``benchmarks/mlp_profile.py --parts route``; ``--parts low`` times the launch alone); at B=64 cuBLAS was
 faster, and larger batches keep it. Scores are sums of ReLUs (>= 0, or NaN), so as int keys ``bits(score) + 1``
 (NaN -> 0, -0.0 -> +0.0) they order as the floats do. ``_bin`` maps keys to NUM_BINS histogram bins, monotone (64
 bins per binade over [2**-32, 2**32), clamped outside).
@@ -204,8 +204,8 @@ def _histogram_kernel(SCORES, HIST, ffn, BLOCK_F: tl.constexpr,
 def _boundary_kernel(SCORES, HIST, CAND_COUNT, COUNTS, META, CAND_KEY, CAND_IDX, ffn, k,
                      NUM_BINS: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_OFFSET: tl.constexpr,
                      CHUNK: tl.constexpr, CAPACITY: tl.constexpr):
-    # Launch B. HIST: [NUM_BINS] int32, bin b at _slot(b)   CAND_COUNT: [] int32, zero on entry   COUNTS: [programs] int32
-    # META: [2] int32 (boundary, above)   CAND_KEY, CAND_IDX: [CAPACITY] int32
+    # Launch B. HIST: [NUM_BINS] int32, bin b at _slot(b)   CAND_COUNT: [] int32, zero on entry
+    # COUNTS: [programs] int32   META: [2] int32 (boundary, above)   CAND_KEY, CAND_IDX: [CAPACITY] int32
     # at_or_above[b] = #{keys in bins >= b} is non-increasing, at_or_above[0] = ffn >= k
     pid = tl.program_id(0)
     n = pid * CHUNK + tl.arange(0, CHUNK)
