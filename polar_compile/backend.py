@@ -32,6 +32,7 @@ from torch import fx
 from . import ops  # noqa: F401  (registers the polar:: ops the rewritten graph calls)
 from .config import PolarConfig, PolarOptionError
 from .passes.constants import refreshing
+from .passes.finish import split_down_finish
 from .passes.manager import run_passes
 from .passes.match import find_attention_sites
 from .passes.mlp import TRANSPOSED_META
@@ -78,6 +79,7 @@ def compile_graph(
         return refreshing(gm.forward, copies)
     from torch._inductor.compile_fx import compile_fx
 
+    split_down_finish(gm)  # Inductor fuses gather_down's split sum into its consumer
     patches = torch._inductor.list_mode_options(mode) if mode else {}
     # Inductor calls the polar ops as opaque extern kernels instead of tracing into their Triton kernels: tracing
     # costs ~0.3 s of TTIR analysis per kernel launch site (three per routed layer; polar compiled 1.5x slower

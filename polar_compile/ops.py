@@ -21,6 +21,9 @@ The sparse MLP (ReLU and gated-ReLU MLPs) selects one neuron set for all N rows 
     polar::gather_gated_up(x, w_gate, b_gate, w_up, b_up, idx)
                                          relu(x @ w_gate[idx]^T + b_gate[idx]) * (x @ w_up[idx]^T + b_up[idx])
     polar::gather_down(h, w_t, b, idx)   h @ w_t[idx] + b   (w_t [ffn, d_out]: the down weight, transposed)
+    polar::gather_down_partials(h, w_t, idx, split_len)
+                                         fp32 [S, N, d_out]: h @ w_t[idx] over S consecutive slices of split_len
+                                         slots, unsummed (the backend's form of gather_down: see passes/finish.py)
 
 On CUDA route, select_attention and the gather ops run Triton kernels (``kernels/``, launched through
 ``wrap_triton``: ``triton_op`` lets Inductor and AOTInductor trace into them; the polar backend keeps them opaque,
@@ -38,10 +41,13 @@ __all__ = [
     "layer_mlp_router",
     "layer_router",
     "check_gather_down_args",
+    "check_gather_down_partials_args",
     "check_gather_gated_up_args",
     "check_gather_up_args",
     "check_mlp_route_args",
     "gather_down",
+    "gather_down_partials",
+    "gather_down_partials_reference",
     "gather_down_reference",
     "gather_gated_up",
     "gather_gated_up_reference",
@@ -360,17 +366,22 @@ def _(x: Tensor, w_gate: Tensor, b_gate: Tensor, w_up: Tensor, b_up: Tensor, idx
     return x.new_empty((x.shape[0], idx.shape[0]))
 
 
+def _check_down(op: str, h: Tensor, w_t: Tensor, idx: Tensor) -> None:
+    _check_idx(op, idx, h.device)
+    if h.dim() != 2 or h.shape[1] != idx.shape[0]:
+        raise ValueError(f"{op}: expected h [N, k={idx.shape[0]}] (a column per index), got {tuple(h.shape)}")
+    if w_t.dim() != 2:
+        raise ValueError(f"{op}: expected w_t [ffn, d_out], got {tuple(w_t.shape)}")
+    _check_operands(op, {"h": h, "w_t": w_t})
+
+
 def check_gather_down_args(h: Tensor, w_t: Tensor, b: Tensor, idx: Tensor) -> None:
     """Raise ``ValueError`` naming the argument, the expected and the actual when gather_down's inputs are
     malformed."""
-    _check_idx("gather_down", idx, h.device)
-    if h.dim() != 2 or h.shape[1] != idx.shape[0]:
-        raise ValueError(f"gather_down: expected h [N, k={idx.shape[0]}] (a column per index), got {tuple(h.shape)}")
-    if w_t.dim() != 2:
-        raise ValueError(f"gather_down: expected w_t [ffn, d_out], got {tuple(w_t.shape)}")
+    _check_down("gather_down", h, w_t, idx)
     if b.shape != (w_t.shape[1],):
         raise ValueError(f"gather_down: expected b [d_out={w_t.shape[1]}], got {tuple(b.shape)}")
-    _check_operands("gather_down", {"h": h, "w_t": w_t, "b": b})
+    _check_operands("gather_down", {"h": h, "b": b})
 
 
 def gather_down_reference(h: Tensor, w_t: Tensor, b: Tensor, idx: Tensor) -> Tensor:
@@ -394,3 +405,38 @@ def gather_down(h: Tensor, w_t: Tensor, b: Tensor, idx: Tensor) -> Tensor:
 def _(h: Tensor, w_t: Tensor, b: Tensor, idx: Tensor) -> Tensor:
     check_gather_down_args(h, w_t, b, idx)
     return h.new_empty((h.shape[0], w_t.shape[1]))
+
+
+def check_gather_down_partials_args(h: Tensor, w_t: Tensor, idx: Tensor, split_len: int) -> None:
+    """Raise ``ValueError`` naming the argument, the expected and the actual when gather_down_partials' inputs are
+    malformed."""
+    _check_down("gather_down_partials", h, w_t, idx)
+    if split_len < 1:
+        raise ValueError(f"gather_down_partials: expected split_len >= 1 (selected neurons a slice), got {split_len}")
+
+
+def gather_down_partials_reference(h: Tensor, w_t: Tensor, idx: Tensor, split_len: int) -> Tensor:
+    """``h[:, slice] @ w_t[idx[slice]]`` for each slice of ``split_len`` consecutive slots, in plain PyTorch, fp32,
+    stacked: ``[cdiv(k, split_len), N, d_out]``."""
+    slices = [slice(start, start + split_len) for start in range(0, idx.shape[0], split_len)]
+    return torch.stack([h[:, part].float() @ w_t[idx[part]].float() for part in slices])
+
+
+@torch.library.triton_op("polar::gather_down_partials", mutates_args=())
+def gather_down_partials(h: Tensor, w_t: Tensor, idx: Tensor, split_len: int) -> Tensor:
+    """``gather_down`` without its bias, left as fp32 partial products over consecutive slices of ``split_len``
+    selected neurons, ``[cdiv(k, split_len), N, d_out]``: summed in slice order and added to the bias they give
+    ``gather_down`` (before its rounding to h's dtype). The polar backend emits it so that Inductor fuses that sum
+    into the output's consumer (the residual add) instead of a finishing launch."""
+    check_gather_down_partials_args(h, w_t, idx, split_len)
+    if h.device.type == "cuda":
+        from .kernels.gather_gemm import gather_down_partials_triton
+
+        return gather_down_partials_triton(h, w_t, idx, split_len)
+    return gather_down_partials_reference(h, w_t, idx, split_len)
+
+
+@gather_down_partials.register_fake
+def _(h: Tensor, w_t: Tensor, idx: Tensor, split_len: int) -> Tensor:
+    check_gather_down_partials_args(h, w_t, idx, split_len)
+    return h.new_empty((-(-idx.shape[0] // split_len), h.shape[0], w_t.shape[1]), dtype=torch.float32)

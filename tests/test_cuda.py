@@ -104,3 +104,22 @@ def _with_kernel_names(fn):
         result = fn()
         torch.cuda.synchronize()
     return result, {event.name for event in profile.events()}
+
+
+def test_split_gather_down_sums_in_the_consumer_kernel():
+    """A gather_down whose kernel splits its reduction compiles to gather_down_partials, its sum fused by Inductor
+    into the residual add: no finishing launch, the values of eager gather_down + residual."""
+    generator = torch.Generator().manual_seed(2)
+    rows, k, ffn, d_out = 4, 1600, 4096, 1024
+    h = torch.randn(rows, k, generator=generator).relu().bfloat16().cuda()
+    w_t = (torch.randn(ffn, d_out, generator=generator) * k**-0.5).bfloat16().cuda()
+    b, residual = (torch.randn(*shape, generator=generator).bfloat16().cuda() for shape in ((d_out,), (rows, d_out)))
+    idx = torch.randperm(ffn, generator=generator)[:k].sort().values.cuda()
+
+    def mlp_end(h, w_t, b, idx, residual):
+        return residual + torch.ops.polar.gather_down(h, w_t, b, idx)
+
+    expected = mlp_end(h, w_t, b, idx, residual)
+    actual, kernels = _with_kernel_names(lambda: torch.compile(mlp_end, backend="polar")(h, w_t, b, idx, residual))
+    assert "_gather_down_kernel" in kernels and "_finish_kernel" not in kernels, sorted(kernels)
+    torch.testing.assert_close(actual, expected, atol=2**-7, rtol=2**-7)

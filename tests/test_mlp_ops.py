@@ -1,4 +1,4 @@
-"""The sparse-MLP ops (polar::mlp_route, gather_up, gather_gated_up, gather_down): opcheck, errors, and their
+"""The sparse-MLP ops (polar::mlp_route, gather_up, gather_gated_up, gather_down, gather_down_partials): opcheck, errors, and their
 reference impls against float64 math written here (one neuron at a time, no shared code with ops.py)."""
 
 import math
@@ -77,6 +77,22 @@ def test_gather_references_match_float64(a):
     assert_near(ops.gather_down(a["h"], a["w_t"], a["b_down"], idx), expected, dtype)
 
 
+@settings(max_examples=examples(40))
+@given(mlp_inputs(), st.integers(1, 45))
+def test_gather_down_partials_are_the_slices_of_the_sum(a, split_len):
+    """Slice s of the partials is sum_{j in [s L, (s + 1) L)} h[:, j] (outer) w_t[idx[j]] in fp32, unrounded."""
+    h, w_t, idx = a["h"], a["w_t"], a["idx"]
+    parts = ops.gather_down_partials(h, w_t, idx, split_len)
+    k = idx.shape[0]
+    assert parts.dtype == torch.float32 and parts.shape == (math.ceil(k / split_len), h.shape[0], w_t.shape[1])
+    zero = torch.zeros(w_t.shape[1], dtype=h.dtype)
+    for s, part in enumerate(parts):
+        cut = slice(s * split_len, (s + 1) * split_len)
+        expected = down_float64(h[:, cut], w_t, zero, idx[cut])
+        error = (part.double() - expected).abs()
+        assert (error <= 1e-5 * (1 + expected.abs())).all(), f"slice {s}: max error {error.max().item():.3g}"
+
+
 def route_scores_float64(x, w_in, w_out):
     """score[n] = sum over rows of relu(x_row . (W_out W_in)[n]), float64."""
     rows = x.reshape(-1, x.shape[-1]).double()
@@ -143,11 +159,12 @@ def small_args(dtype):
         "gather_up": (randn(3, 8), randn(10, 8), randn(10), idx),
         "gather_gated_up": (randn(3, 8), randn(10, 8), randn(10), randn(10, 8), randn(10), idx),
         "gather_down": (randn(3, 3), randn(10, 6), randn(6), idx),
+        "gather_down_partials": (randn(3, 3), randn(10, 6), idx, 2),
     }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("op", ["mlp_route", "gather_up", "gather_gated_up", "gather_down"])
+@pytest.mark.parametrize("op", ["mlp_route", "gather_up", "gather_gated_up", "gather_down", "gather_down_partials"])
 def test_opcheck(op, dtype):
     torch.library.opcheck(getattr(ops, op).default, small_args(dtype)[op])
 
@@ -157,6 +174,7 @@ NAMES = {
     "gather_up": ("x", "w", "b", "idx"),
     "gather_gated_up": ("x", "w_gate", "b_gate", "w_up", "b_up", "idx"),
     "gather_down": ("h", "w_t", "b", "idx"),
+    "gather_down_partials": ("h", "w_t", "idx", "split_len"),
 }
 
 
@@ -190,6 +208,9 @@ def bad(op, **change):
         (bad("gather_down", b=torch.randn(5)), r"b \[d_out=6\], got \(5,\)"),
         (bad("gather_down", w_t=torch.randn(10, 6).bfloat16()), r"w_t of h's dtype torch.float32, got torch.bfloat16"),
         (bad("gather_down", idx=torch.tensor([0, 1, 2], dtype=torch.int32)), r"idx int64 \[k\].*torch.int32"),
+        (bad("gather_down_partials", h=torch.randn(3, 4)), r"gather_down_partials: expected h \[N, k=3\]"),
+        (bad("gather_down_partials", w_t=torch.randn(10, 6).half()), r"w_t of h's dtype torch.float32, got torch.float16"),
+        (bad("gather_down_partials", split_len=0), r"split_len >= 1 \(selected neurons a slice\), got 0"),
     ],
 )
 def test_bad_inputs_name_expected_and_actual(call, message):

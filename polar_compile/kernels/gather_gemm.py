@@ -39,7 +39,15 @@ from torch.library import wrap_triton
 
 from . import dot_types, num_sms
 
-__all__ = ["GatherConfig", "gather_down_config", "gather_down_triton", "gather_up_config", "gather_up_triton"]
+__all__ = [
+    "GatherConfig",
+    "gather_down_config",
+    "gather_down_partials_triton",
+    "gather_down_split_len",
+    "gather_down_triton",
+    "gather_up_config",
+    "gather_up_triton",
+]
 
 
 @triton.jit
@@ -114,12 +122,12 @@ def _gather_down_kernel(
     rows, k, ffn, d_out, split_len,
     stride_hn, stride_hk, stride_wf, stride_wc, stride_b,
     stride_idx, stride_on, stride_oc, stride_ps, stride_pn,
-    SPLITS: tl.constexpr,
+    FINISH: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # H: [N, k]   W_T: [ffn, d_out]   BIAS: [d_out]   IDX: [k] int64   OUT: [N, d_out]
-    # PART: [SPLITS, 1, N, d_out] fp32 (SPLITS > 1 only)
+    # H: [N, k]   W_T: [ffn, d_out]   BIAS: [d_out]   IDX: [k] int64   OUT: [N, d_out] (FINISH only)
+    # PART: [splits, 1, N, d_out] fp32 (unless FINISH: one split, which adds the bias and stores OUT)
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     split = tl.program_id(2)
@@ -144,7 +152,7 @@ def _gather_down_kernel(
         acc = tl.dot(h.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
 
     tile_ok = row_ok[:, None] & col_ok[None, :]
-    if SPLITS == 1:
+    if FINISH:
         acc += tl.load(BIAS + offs_c * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         o_ptrs = OUT + offs_n[:, None] * stride_on + offs_c[None, :] * stride_oc
         tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=tile_ok)
@@ -295,8 +303,8 @@ def gather_down_triton(
     """``polar::gather_down`` with the kernels above; ``config`` and ``out`` as in ``gather_up_triton``."""
     # h: [N, k]   w_t: [ffn, d_out]   b: [d_out]   idx: [k] int64
     rows, k = h.shape
-    ffn, d_out = w_t.shape
-    assert idx.shape == (k,) and idx.dtype == torch.int64 and b.shape == (d_out,)
+    d_out = w_t.shape[1]
+    assert b.shape == (d_out,)
     if config is None:
         config = gather_down_config(rows, k, d_out, h.dtype, h.device)
     if out is None:
@@ -305,22 +313,62 @@ def gather_down_triton(
     if out.numel() == 0:
         return out
     splits, split_len = _split_length(k, config)
+    if splits == 1:
+        _launch_down(h, w_t, b, idx, out, _partials(1, 1, rows, d_out, h.device), split_len, config, finish=True)
+        return out
     part = _partials(splits, 1, rows, d_out, h.device)
+    grid = _launch_down(h, w_t, b, idx, out, part, split_len, config, finish=False)
+    _finish(part, idx, b, b, out, w_t.shape[0], grid, config, up=False, gated=False)
+    return out
+
+
+def gather_down_split_len(rows: int, k: int, d_out: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Selected neurons per split of the reduction that ``gather_down`` runs with by default (``>= k``: one
+    split, which finishes its own tiles)."""
+    return _split_length(k, gather_down_config(rows, k, d_out, dtype, device))[1]
+
+
+def gather_down_partials_triton(
+    h: Tensor, w_t: Tensor, idx: Tensor, split_len: int, *, config: GatherConfig | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """``polar::gather_down_partials``: the fp32 partial products of ``gather_down`` over consecutive slices of
+    ``split_len`` selected neurons, ``[cdiv(k, split_len), N, d_out]``, unsummed and without the bias (the caller's
+    graph sums them where it adds the bias, so the sum fuses into the output's consumer)."""
+    # h: [N, k]   w_t: [ffn, d_out]   idx: [k] int64
+    rows, k = h.shape
+    d_out = w_t.shape[1]
+    splits = triton.cdiv(k, split_len)
+    if config is None:
+        config = gather_down_config(rows, k, d_out, h.dtype, h.device)._replace(splits=splits)
+    if out is None:
+        out = torch.empty((splits, rows, d_out), dtype=torch.float32, device=h.device)
+    assert out.shape == (splits, rows, d_out) and out.dtype == torch.float32 and out.is_contiguous()
+    if out.numel() > 0:
+        # the bias and the output are not read without FINISH: any [d_out] and [N, d_out] tensor will do
+        _launch_down(h, w_t, out[0, 0], idx, out[0], out.unsqueeze(1), split_len, config, finish=False)
+    return out
+
+
+def _launch_down(h: Tensor, w_t: Tensor, b: Tensor, idx: Tensor, out: Tensor, part: Tensor, split_len: int,
+                 config: GatherConfig, *, finish: bool) -> tuple[int, int, int]:
+    """Launch ``_gather_down_kernel`` over ``cdiv(k, split_len)`` splits; returns its grid."""
+    rows, k = h.shape
+    ffn, d_out = w_t.shape
+    assert idx.shape == (k,) and idx.dtype == torch.int64
     dot_dtype, dot_precision = dot_types(h.dtype, h.device)
-    grid = (triton.cdiv(rows, config.block_n), triton.cdiv(d_out, config.block_c), splits)
+    grid = (triton.cdiv(rows, config.block_n), triton.cdiv(d_out, config.block_c), triton.cdiv(k, split_len))
     wrap_triton(_gather_down_kernel)[grid](
         h, w_t, b, idx, out, part,
         rows, k, ffn, d_out, split_len,
         h.stride(0), h.stride(1), w_t.stride(0), w_t.stride(1), b.stride(0),
         idx.stride(0), out.stride(0), out.stride(1), part.stride(0), part.stride(2),
-        SPLITS=splits,
+        FINISH=finish,
         BLOCK_N=config.block_n, BLOCK_C=config.block_c, BLOCK_R=config.block_r,
         DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if splits > 1:
-        _finish(part, idx, b, b, out, ffn, grid, config, up=False, gated=False)
-    return out
+    return grid
 
 
 def _finish(part: Tensor, idx: Tensor, b: Tensor, b_up: Tensor, out: Tensor, ffn: int, grid: tuple,

@@ -21,6 +21,8 @@ from polar_compile.kernels.gather_gemm import (
     MAX_SPLITS,
     GatherConfig,
     gather_down_config,
+    gather_down_partials_triton,
+    gather_down_split_len,
     gather_down_triton,
     gather_up_config,
     gather_up_triton,
@@ -122,6 +124,27 @@ def test_gather_down_matches_float64(rows, d_out, ffn, density, dtype, order, st
     check(gather_down_triton(h, w_t, b, idx, config=config, out=out), out, down_float64(h, w_t, b, idx), dtype)
 
 
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=list(HealthCheck))
+@given(d_out=st.integers(1, 80), split_len=st.integers(1, 70), config=st.one_of(st.none(), CONFIGS), **SHAPES)
+def test_gather_down_partials_match_float64(rows, d_out, ffn, density, dtype, order, strided, seed, split_len, config):
+    """Each slice of split_len selected neurons: its own fp32 partial product (no bias), every element written."""
+    generator = torch.Generator().manual_seed(seed)
+    k = max(1, round(density * ffn))
+    h = make((rows, k), dtype, generator, strided=strided).relu()
+    w_t = make((ffn, d_out), dtype, generator, scale=k**-0.5, strided=strided)
+    idx = random_idx(ffn, k, generator, order)
+    slices = math.ceil(k / split_len)
+    out = torch.full((slices, rows, d_out), math.nan, device=DEVICE)
+    result = gather_down_partials_triton(h, w_t, idx, split_len, config=config, out=out)
+    assert result.data_ptr() == out.data_ptr() and not result.isnan().any(), "an element was never written"
+    zero = torch.zeros(d_out)
+    for s in range(slices):
+        cut = slice(s * split_len, (s + 1) * split_len)
+        expected = down_float64(h[:, cut], w_t, zero, idx[cut])
+        error = (result[s].cpu().double() - expected).abs()
+        assert (error <= TOL[torch.float32] * 4 * (1 + expected.abs())).all(), f"slice {s}: {error.max().item():.3g}"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_default_configs_split_and_finish(dtype):
     """Shapes where the launch heuristic splits the reduction (few tiles for 132 SMs): partials + _finish_kernel."""
@@ -144,6 +167,13 @@ def test_default_configs_split_and_finish(dtype):
     idx = random_idx(400, 300, generator, "sorted")
     out = torch.full((rows, d_out), math.nan, dtype=dtype, device=DEVICE)
     check(gather_down_triton(h, w_t, b_down, idx, out=out), out, down_float64(h, w_t, b_down, idx), dtype)
+    # the backend's form: the same split's partials, summed in split order + bias, equal gather_down's finish
+    split_len = gather_down_split_len(rows, 300, d_out, dtype, torch.device(DEVICE))
+    parts = gather_down_partials_triton(h, w_t, idx, split_len)
+    assert parts.shape[0] == down_config.splits
+    # bitwise, but for the interpreter's fp32 -> bf16 conversion, which truncates where torch rounds to nearest
+    ulps = 2**-7 if DEVICE == "cpu" and dtype == torch.bfloat16 else 0
+    torch.testing.assert_close(sum(parts.unbind(0)[1:], parts[0]).add(b_down.float()).to(dtype), out, atol=0, rtol=ulps)
 
 
 def test_split_count_does_not_change_the_result():
