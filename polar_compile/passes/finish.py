@@ -35,16 +35,16 @@ def split_down_finish(gm: fx.GraphModule, device_types: tuple[str, ...] = ("cuda
     graph = gm.graph
     rewritten = 0
     for node in list(graph.nodes):
-        if node.target is not _GATHER_DOWN:
+        if node.target not in (_GATHER_DOWN, _GATHER_DOWN.overloadpacket):  # the pass's; a Dynamo graph's
             continue
         h, w_t, b, idx = node.args
-        h_value, w_value = fake_value(h), fake_value(w_t)
-        if h_value is None or w_value is None or h_value.device.type not in device_types:
+        h_value, out_value = fake_value(h), fake_value(node)  # [N, k], [N, d_out]
+        if h_value is None or out_value is None or h_value.device.type not in device_types:
             continue
         rows, k = (static_int(size) for size in h_value.shape)
         if rows is None or k is None:
             continue
-        split_len = gather_down_split_len(rows, k, w_value.shape[1], h_value.dtype, h_value.device)
+        split_len = gather_down_split_len(rows, k, out_value.shape[1], h_value.dtype, h_value.device)
         if split_len >= k:  # one split: the kernel adds the bias and rounds in its own epilogue
             continue
         with graph.inserting_before(node):

@@ -162,6 +162,10 @@ class MlpPass:
             w_t = self._columns_of(gm, site.down, like)  # [ffn, d_out]
             out = graph.call_function(torch.ops.polar.gather_down.default,
                                       (h, w_t, self._bias(gm, site.down, site.hidden_size, like), idx))
+            # the values later steps read (backend's split_down_finish): [N, k] and [N, d_out], N maybe symbolic
+            tokens = like.reshape(-1, hidden).shape[0]
+            h.meta["val"] = like.new_empty((tokens, k))
+            out.meta["val"] = like.new_empty((tokens, site.hidden_size))
             # [N, d_out] -> the down projection's shape; only its leading (batch) size may be dynamic
             out = graph.call_function(torch.reshape, (out, (-1, *map(static_int, shape_of(down)[1:]))))
         for node in graph.nodes:

@@ -4,13 +4,19 @@ split order + bias, with the values of the call they replace; the rest stay as t
 import math
 
 import torch
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from polar_compile import RouterBank, make_backend
+from polar_compile.config import PolarConfig
 from polar_compile.kernels.gather_gemm import gather_down_split_len
 from polar_compile.passes.finish import split_down_finish
+from polar_compile.passes.manager import run_passes
+from polar_compile.testing import random_routers
 from tests.budget import examples
+from tests.models import DecodeDriver, TinySpec, tiny_config
 
 ops = torch.ops.polar
 
@@ -65,3 +71,30 @@ def test_a_dynamic_batch_size_stays_whole():
     assert math.isfinite(gm(*args).sum().item())
     assert split_down_finish(gm, device_types=("cpu",)) == 0
     assert ops.gather_down.default in [node.target for node in gm.graph.nodes]
+
+
+def test_an_mlp_rewrite_with_a_split_down_keeps_its_logits():
+    """On an MLP pass graph (OPT, 1024 neurons, k = 614 at B=2: 3 splits), the backend's step after the passes
+    finds the gather_down from the values the pass records, and the decode logits stay those of gather_down."""
+    config = tiny_config(TinySpec("opt", heads=4, kv_heads=4, head_dim=8, layers=2))
+    config.ffn_dim = 1024
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    bank = random_routers(model, seed=1, mlp_rank=8, mlp_topk={2: 0.6})
+    bank = RouterBank(bank.shape, {}, {}, mlp=bank.mlp)
+    driver = DecodeDriver(model, batch=2, prompt_len=3, max_cache_len=8, pad=[1, 0], seed=0)
+    splits = []
+
+    def passes_then_split(gm, example_inputs):
+        run_passes(gm, PolarConfig.from_options({"routers": bank}), example_inputs)
+        splits.append(split_down_finish(gm, device_types=("cpu",)))
+        return gm.forward
+
+    logits = {}
+    for name, backend in (("whole", make_backend(bank, inductor=False)), ("split", passes_then_split)):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            step = torch.compile(model.forward, backend=backend, fullgraph=True)
+            logits[name] = step(**driver.decode_inputs(driver.prefill())).logits
+    assert splits == [len(bank.mlp.w_in)] and splits[0] >= 1  # every routed MLP
+    torch.testing.assert_close(logits["split"], logits["whole"], rtol=1e-5, atol=1e-5)
