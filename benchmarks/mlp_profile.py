@@ -16,8 +16,6 @@ Parts (each prints its own lines):
   scores   the router's scores launch over BLOCK_F x BLOCK_R x num_warps x num_stages: the six fastest
   select   the selection launches alone (``top_k_ascending_triton``) over CHUNK x num_warps, and their kernels
   gathers  ``gather_up`` + ``gather_down`` at 10% of the neurons: in-graph µs and each kernel's µs
-  pdl      ``mlp_route`` and the gathers (as above) with programmatic dependent launch off and on (``POLAR_PDL``),
-           in-graph µs per call, alternating five times
 
 Inputs are fresh N(0, 1) (scaled) weights, eight sets rotated through each graph so no call finds its weights in L2
 from the call before; times are medians of ``triton.testing.do_bench`` over graph replays.
@@ -40,7 +38,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mlp
 
-from polar_compile.kernels import dependent_launch, dot_types
+from polar_compile.kernels import dot_types
 from polar_compile.kernels import mlp_route as route_kernels
 
 RANKS = {"opt-6.7b": 192, "opt-66b": 432}
@@ -121,8 +119,7 @@ def low_split(x: torch.Tensor, w: torch.Tensor, splits: int, block_h: int) -> to
     route_kernels._low_kernel[(blocks, splits)](
         x, w, part, counter, low, rows, hidden, rank, split_len, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         SPLITS=splits, BLOCK_N=max(16, triton.next_power_of_2(rows)), BLOCK_RL=route_kernels._BLOCK_RL,
-        BLOCK_H=block_h, DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision, num_warps=route_kernels._NUM_WARPS,
-        **dependent_launch(x.device))
+        BLOCK_H=block_h, DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision, num_warps=route_kernels._NUM_WARPS)
     return low
 
 
@@ -137,7 +134,7 @@ def scores_launch(s: dict, block_f: int, block_r: int, num_warps: int, num_stage
         BLOCK_N=min(64, max(16, triton.next_power_of_2(low.shape[0]))), BLOCK_F=block_f, BLOCK_R=block_r,
         DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision, NUM_BINS=route_kernels._NUM_BINS,
         BIN_SHIFT=route_kernels._BIN_SHIFT, BIN_OFFSET=route_kernels._BIN_OFFSET,
-        num_warps=num_warps, num_stages=num_stages, **dependent_launch(low.device))
+        num_warps=num_warps, num_stages=num_stages)
 
 
 def profile_nodes() -> None:
@@ -217,25 +214,6 @@ def profile_gathers(model: str, batch: int) -> None:
     kernel_table(rotating(sets, mlp.polar), f"gathers {model} B={batch} k={k}", calls=16)
 
 
-def profile_pdl(model: str, batch: int) -> None:
-    d, ffn = mlp.MODELS[model]
-    sets = [router | gathers for router, gathers in zip(router_sets(model), mlp.make_sets(d, ffn, torch.bfloat16, SETS),
-                                                          strict=True)]
-    for s in sets:
-        s["x"] = torch.randn(batch, d, device="cuda", dtype=torch.bfloat16)
-        s["idx"] = torch.randperm(ffn, device="cuda")[: s["k"]].sort().values
-    calls = {"mlp_route": lambda s: torch.ops.polar.mlp_route(s["x"], s["w_in"], s["w_out"], s["k"]),
-             "gathers": mlp.polar, "route + gathers": mlp.routed}
-    for name, call in calls.items():
-        times = {"0": [], "1": []}
-        for _, setting in itertools.product(range(5), times):
-            os.environ["POLAR_PDL"] = setting
-            times[setting].append(per_call_us(rotating(sets, call), 40))
-        off, on = (sorted(times[setting])[2] for setting in ("0", "1"))
-        print(f"pdl {model} B={batch} {name}: off {off:.2f} us, on {on:.2f} us ({off - on:+.2f})", flush=True)
-    os.environ.pop("POLAR_PDL")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="nodes,route,low,gathers")
@@ -253,8 +231,6 @@ def main() -> None:
             profile_router(model, batch, parts)
         if "gathers" in parts:
             profile_gathers(model, batch)
-        if "pdl" in parts:
-            profile_pdl(model, batch)
         torch.cuda.empty_cache()
 
 

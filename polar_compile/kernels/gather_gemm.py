@@ -37,7 +37,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from . import dependent_launch, dot_types, let_next_kernel_launch, num_sms, wait_for_previous_kernel
+from . import dot_types, num_sms
 
 __all__ = [
     "GatherConfig",
@@ -72,11 +72,10 @@ def _gather_up_kernel(
     stride_idx, stride_on, stride_oc, stride_ps, stride_pp, stride_pn,
     GATED: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # X: [N, d]   W_GATE, W_UP: [ffn, d]   B_GATE, B_UP: [ffn]   IDX: [k] int64   OUT: [N, k]
     # PART: [SPLITS, 2 if GATED else 1, N, k] fp32 (SPLITS > 1 only)   (W_UP, B_UP unused unless GATED)
-    wait_for_previous_kernel(PDL)
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     split = tl.program_id(2)
@@ -105,7 +104,6 @@ def _gather_up_kernel(
             w = tl.load(W_UP + neurons[:, None] * stride_wuf + r[None, :] * stride_wud, mask=w_ok, other=0.0)
             up = tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), up, input_precision=DOT_PRECISION)
 
-    let_next_kernel_launch(PDL)
     tile_ok = row_ok[:, None] & col_ok[None, :]
     if SPLITS == 1:
         out = _up_epilogue(gate, up, B_GATE, B_UP, neurons, neuron_ok, stride_bg, stride_bu, GATED)
@@ -126,11 +124,10 @@ def _gather_down_kernel(
     stride_idx, stride_on, stride_oc, stride_ps, stride_pn,
     FINISH: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # H: [N, k]   W_T: [ffn, d_out]   BIAS: [d_out]   IDX: [k] int64   OUT: [N, d_out] (FINISH only)
     # PART: [splits, 1, N, d_out] fp32 (unless FINISH: one split, which adds the bias and stores OUT)
-    wait_for_previous_kernel(PDL)
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     split = tl.program_id(2)
@@ -154,7 +151,6 @@ def _gather_down_kernel(
                     mask=neuron_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_C]: rows of w_t
         acc = tl.dot(h.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
 
-    let_next_kernel_launch(PDL)
     tile_ok = row_ok[:, None] & col_ok[None, :]
     if FINISH:
         acc += tl.load(BIAS + offs_c * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -170,12 +166,11 @@ def _finish_kernel(
     rows, cols, ffn,
     stride_idx, stride_b, stride_bu, stride_on, stride_oc, stride_ps, stride_pp, stride_pn,
     SPLITS: tl.constexpr, UP: tl.constexpr, GATED: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # PART: [SPLITS, 2 if GATED else 1, N, cols] fp32   OUT: [N, cols]
     # UP: columns are slots of IDX (bias gathered through IDX, then ReLU, times up if GATED); else
     # BIAS [cols] is added (gather_down).
-    wait_for_previous_kernel(PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = offs_n < rows
@@ -295,7 +290,7 @@ def gather_up_triton(
         GATED=gated, SPLITS=splits,
         BLOCK_N=config.block_n, BLOCK_C=config.block_c, BLOCK_R=config.block_r,
         DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision,
-        num_warps=config.num_warps, num_stages=config.num_stages, **dependent_launch(x.device),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1:
         _finish(part, idx, b, b_up, out, ffn, grid, config, up=True, gated=gated)
@@ -371,7 +366,7 @@ def _launch_down(h: Tensor, w_t: Tensor, b: Tensor, idx: Tensor, out: Tensor, pa
         FINISH=finish,
         BLOCK_N=config.block_n, BLOCK_C=config.block_c, BLOCK_R=config.block_r,
         DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision,
-        num_warps=config.num_warps, num_stages=config.num_stages, **dependent_launch(h.device),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return grid
 
@@ -386,5 +381,5 @@ def _finish(part: Tensor, idx: Tensor, b: Tensor, b_up: Tensor, out: Tensor, ffn
         idx.stride(0), b.stride(0), b_up.stride(0), out.stride(0), out.stride(1),
         part.stride(0), part.stride(1), part.stride(2),
         SPLITS=part.shape[0], UP=up, GATED=gated, BLOCK_N=config.block_n, BLOCK_C=config.block_c,
-        num_warps=config.num_warps, **dependent_launch(out.device),
+        num_warps=config.num_warps,
     )

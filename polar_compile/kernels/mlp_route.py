@@ -46,7 +46,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from . import dependent_launch, dot_types, let_next_kernel_launch, wait_for_previous_kernel
+from . import dot_types
 
 __all__ = ["LOW_SPLIT_ROWS", "MAX_SELECT_NEURONS", "mlp_route_triton", "top_k_ascending_triton"]
 
@@ -116,10 +116,9 @@ def _add_to_histogram(HIST, key, ok, BLOCK: tl.constexpr,
 def _low_kernel(X, W_IN, PART, COUNTER, LOW, rows, hidden, rank, split_len,
                 stride_xn, stride_xh, stride_wr, stride_wh,
                 SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_RL: tl.constexpr, BLOCK_H: tl.constexpr,
-                DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+                DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # X: [N, hidden], N <= BLOCK_N   W_IN: [rank, hidden]   PART: [SPLITS, N, rank] fp32
     # COUNTER: [rank blocks] int32, zero on entry   LOW: [N, rank] contiguous, x's dtype; grid (rank blocks, SPLITS)
-    wait_for_previous_kernel(PDL)
     pid_r = tl.program_id(0)
     split = tl.program_id(1)
     offs_n = tl.arange(0, BLOCK_N)
@@ -137,7 +136,6 @@ def _low_kernel(X, W_IN, PART, COUNTER, LOW, rows, hidden, rank, split_len,
         w = tl.load(W_IN + offs_r[:, None] * stride_wr + h[None, :] * stride_wh, mask=r_ok[:, None] & h_ok[None, :],
                     other=0.0)  # [BLOCK_RL, BLOCK_H]
         acc = tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=DOT_PRECISION)
-    let_next_kernel_launch(PDL)
     tile = offs_n[:, None] * rank + offs_r[None, :]
     tl.store(PART + split * rows * rank + tile, acc, mask=tile_ok)
     # every thread's partial store, then (the barrier orders them before it) one release-acquire count: the
@@ -181,24 +179,21 @@ def _scores_kernel(
     stride_ln, stride_lr, stride_wf, stride_wr,
     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    NUM_BINS: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_OFFSET: tl.constexpr, PDL: tl.constexpr,
+    NUM_BINS: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_OFFSET: tl.constexpr,
 ):
     # Launch A. LOW: [N, rank]   W_OUT: [ffn, rank]   SCORES: [ffn] fp32   HIST: [NUM_BINS] int32, zero on entry
-    wait_for_previous_kernel(PDL)
     offs_f = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = offs_f < ffn
     total = _neuron_scores(LOW, W_OUT, offs_f, f_ok, rows, rank, stride_ln, stride_lr, stride_wf, stride_wr,
                            BLOCK_N, BLOCK_R, DOT_DTYPE, DOT_PRECISION)
-    let_next_kernel_launch(PDL)
     tl.store(SCORES + offs_f, total, mask=f_ok)
     _add_to_histogram(HIST, _score_key(total), f_ok, BLOCK_F, NUM_BINS, BIN_SHIFT, BIN_OFFSET)
 
 
 @triton.jit
 def _histogram_kernel(SCORES, HIST, ffn, BLOCK_F: tl.constexpr,
-                      NUM_BINS: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_OFFSET: tl.constexpr, PDL: tl.constexpr):
+                      NUM_BINS: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_OFFSET: tl.constexpr):
     # Launch A on given scores (the selection alone: tests, and timing it apart). SCORES: [ffn] fp32
-    wait_for_previous_kernel(PDL)
     offs_f = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = offs_f < ffn
     key = _score_key(tl.load(SCORES + offs_f, mask=f_ok, other=0.0))
@@ -208,11 +203,10 @@ def _histogram_kernel(SCORES, HIST, ffn, BLOCK_F: tl.constexpr,
 @triton.jit
 def _boundary_kernel(SCORES, HIST, CAND_COUNT, COUNTS, META, CAND_KEY, CAND_IDX, ffn, k,
                      NUM_BINS: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_OFFSET: tl.constexpr,
-                     CHUNK: tl.constexpr, CAPACITY: tl.constexpr, PDL: tl.constexpr):
+                     CHUNK: tl.constexpr, CAPACITY: tl.constexpr):
     # Launch B. HIST: [NUM_BINS] int32, bin b at _slot(b)   CAND_COUNT: [] int32, zero on entry
     # COUNTS: [programs] int32   META: [2] int32 (boundary, above)   CAND_KEY, CAND_IDX: [CAPACITY] int32
     # at_or_above[b] = #{keys in bins >= b} is non-increasing, at_or_above[0] = ffn >= k
-    wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     n = pid * CHUNK + tl.arange(0, CHUNK)
     ok = n < ffn
@@ -225,7 +219,6 @@ def _boundary_kernel(SCORES, HIST, CAND_COUNT, COUNTS, META, CAND_KEY, CAND_IDX,
         tl.store(META, boundary)
         tl.store(META + 1, above)
 
-    let_next_kernel_launch(PDL)
     b = _bin(key, NUM_BINS, BIN_SHIFT, BIN_OFFSET)
     tl.store(COUNTS + pid, tl.sum((ok & (b > boundary)).to(tl.int32), axis=0))
     cand = ok & (b == boundary)
@@ -294,10 +287,8 @@ def _threshold_of_candidates(CAND_KEY, CAND_IDX, cands, above, k, chunk_start, f
 @triton.jit
 def _write_kernel(SCORES, CAND_COUNT, COUNTS, META, CAND_KEY, CAND_IDX, IDX, ffn, k,
                   NUM_BINS: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_OFFSET: tl.constexpr,
-                  CHUNK: tl.constexpr, CAPACITY: tl.constexpr, SMALL: tl.constexpr, PROGRAMS: tl.constexpr,
-                  PDL: tl.constexpr):
+                  CHUNK: tl.constexpr, CAPACITY: tl.constexpr, SMALL: tl.constexpr, PROGRAMS: tl.constexpr):
     # Launch C. COUNTS: [programs] int32   IDX: [k] int64, ascending; the rest as launch B
-    wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     chunk_start = pid * CHUNK
     boundary = tl.load(META)
@@ -345,7 +336,6 @@ def _write_kernel(SCORES, CAND_COUNT, COUNTS, META, CAND_KEY, CAND_IDX, IDX, ffn
     gt_at = gt_before + (packed & 0xFFFF) - gt  # #{keys > T before n}
     eq_at = eq_before + (packed >> 16) - eq  # #{keys == T before n}
     kept = (gt == 1) | ((eq == 1) & (eq_at < need))
-    let_next_kernel_launch(PDL)
     tl.store(IDX + gt_at + tl.minimum(eq_at, need), n.to(tl.int64), mask=kept)
 
 
@@ -369,12 +359,10 @@ def _select(scores: Tensor, workspace: Tensor, idx: Tensor, k: int, chunk: int, 
     cand_count = workspace[_NUM_BINS:_NUM_BINS + 1]
     bins = dict(NUM_BINS=_NUM_BINS, BIN_SHIFT=_BIN_SHIFT, BIN_OFFSET=_BIN_OFFSET, CHUNK=chunk, CAPACITY=capacity)
     wrap_triton(_boundary_kernel)[(programs,)](
-        scores, workspace, cand_count, counts, meta, cand_key, cand_idx, ffn, k, **bins, num_warps=_NUM_WARPS,
-        **dependent_launch(scores.device))
+        scores, workspace, cand_count, counts, meta, cand_key, cand_idx, ffn, k, **bins, num_warps=_NUM_WARPS)
     wrap_triton(_write_kernel)[(programs,)](
         scores, cand_count, counts, meta, cand_key, cand_idx, idx, ffn, k, **bins,
-        SMALL=min(_SMALL, capacity), PROGRAMS=triton.next_power_of_2(programs), num_warps=_NUM_WARPS,
-        **dependent_launch(scores.device))
+        SMALL=min(_SMALL, capacity), PROGRAMS=triton.next_power_of_2(programs), num_warps=_NUM_WARPS)
 
 
 def top_k_ascending_triton(scores: Tensor, k: int, *, out: Tensor | None = None, capacity: int = _CAPACITY,
@@ -388,7 +376,7 @@ def top_k_ascending_triton(scores: Tensor, k: int, *, out: Tensor | None = None,
     workspace = _workspace(scores.device)
     wrap_triton(_histogram_kernel)[(triton.cdiv(ffn, _BLOCK_F),)](
         scores, workspace, ffn, BLOCK_F=_BLOCK_F, NUM_BINS=_NUM_BINS, BIN_SHIFT=_BIN_SHIFT, BIN_OFFSET=_BIN_OFFSET,
-        num_warps=_NUM_WARPS, **dependent_launch(scores.device))
+        num_warps=_NUM_WARPS)
     _select(scores, workspace, idx, k, chunk, capacity)
     return idx
 
@@ -408,7 +396,7 @@ def _low(rows: Tensor, w_in: Tensor, workspace: Tensor) -> Tensor:
         rows, w_in, part, workspace[_NUM_BINS + 1:], low, n, hidden, rank, split_len,
         rows.stride(0), rows.stride(1), w_in.stride(0), w_in.stride(1),
         SPLITS=splits, BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_RL=_BLOCK_RL, BLOCK_H=_BLOCK_H,
-        DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision, num_warps=_NUM_WARPS, **dependent_launch(rows.device))
+        DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision, num_warps=_NUM_WARPS)
     return low
 
 
@@ -434,7 +422,6 @@ def mlp_route_triton(x: Tensor, w_in: Tensor, w_out: Tensor, k: int, *, scores: 
         low.stride(0), low.stride(1), w_out.stride(0), w_out.stride(1),
         BLOCK_N=block_n, BLOCK_F=_BLOCK_F, BLOCK_R=_BLOCK_R, DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision,
         NUM_BINS=_NUM_BINS, BIN_SHIFT=_BIN_SHIFT, BIN_OFFSET=_BIN_OFFSET, num_warps=_NUM_WARPS,
-        **dependent_launch(x.device),
     )
     _select(scores, workspace, idx, k, _CHUNK, _CAPACITY)
     return idx
