@@ -3,6 +3,7 @@ configuration and a grid around it, each timed as ``benchmarks/mlp.py`` times (C
 inputs, medians), to tune ``gather_up_config`` / ``gather_down_config``.
 
     python benchmarks/mlp_sweep.py [--models opt-6.7b,opt-66b] [--batches 1,16] [--density 0.1] [--out sweep.md]
+                                   [--ops up,down,down-partials]
 """
 
 import argparse
@@ -18,6 +19,7 @@ import mlp
 from polar_compile.kernels.gather_gemm import (
     GatherConfig,
     gather_down_config,
+    gather_down_partials_triton,
     gather_down_triton,
     gather_up_config,
     gather_up_triton,
@@ -28,6 +30,7 @@ from polar_compile.kernels.gather_gemm import (
 GRID = {
     "up": {"block_c": (16, 32), "block_r": (128, 256), "splits": (1, 2, 4, 8), "num_stages": (3, 4, 5)},
     "down": {"block_c": (32, 64, 128), "block_r": (64, 128), "splits": (1, 2, 4), "num_stages": (3, 4, 5)},
+    "down-partials": {"block_c": (32, 64, 128), "block_r": (64, 128), "splits": (1, 2, 4, 8), "num_stages": (3, 4)},
 }
 
 
@@ -47,7 +50,7 @@ def timed(call, config: GatherConfig, sets: list) -> float:
         return float("inf")
 
 
-def sweep(model: str, batch: int, density: float, log) -> None:
+def sweep(model: str, batch: int, density: float, op_names: list[str], log) -> None:
     d, ffn = mlp.MODELS[model]
     k = round(density * ffn)
     sets = mlp.make_sets(d, ffn, torch.bfloat16, min(16, max(2, mlp.ROTATE_BYTES // (2 * k * d * 2))))
@@ -60,8 +63,14 @@ def sweep(model: str, batch: int, density: float, log) -> None:
                lambda s, c: gather_up_triton(s["x"], s["w1"], s["b1"], s["idx"], config=c)),
         "down": (gather_down_config(batch, k, d, torch.bfloat16, sets[0]["x"].device),
                  lambda s, c: gather_down_triton(s["h"], s["w2t"], s["b2"], s["idx"], config=c)),
+        # the backend's form (passes/finish.py): the partials alone, their sum fused into the residual add
+        "down-partials": (gather_down_config(batch, k, d, torch.bfloat16, sets[0]["x"].device),
+                          lambda s, c: gather_down_partials_triton(s["h"], s["w2t"], s["idx"],
+                                                                   -(-k // c.splits), config=c)),
     }
     for name, (heuristic, call) in ops.items():
+        if name not in op_names:
+            continue
         times = [(timed(call, config, sets), config) for config in candidates(name, heuristic)]
         best_us, best = min(times, key=lambda item: item[0])
         one_us, one = min((item for item in times if item[1].splits == 1), key=lambda item: item[0])
@@ -77,6 +86,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--ops", default="up,down,down-partials")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("mlp_sweep.py needs a CUDA GPU")
@@ -92,7 +102,7 @@ def main() -> None:
         "| heuristic config |")
     log("|---|---|---|---|---|---|---|---|---|---|")
     for model, batch in itertools.product(args.models.split(","), map(int, args.batches.split(","))):
-        sweep(model, batch, args.density, log)
+        sweep(model, batch, args.density, args.ops.split(","), log)
     if args.out:
         with open(args.out, "w") as file:
             file.write("\n".join(lines) + "\n")
