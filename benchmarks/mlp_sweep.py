@@ -30,7 +30,7 @@ from polar_compile.kernels.gather_gemm import (
 GRID = {
     "up": {"block_c": (16, 32), "block_r": (128, 256), "splits": (1, 2, 4, 8), "num_stages": (3, 4, 5)},
     "down": {"block_c": (32, 64, 128), "block_r": (64, 128), "splits": (1, 2, 4), "num_stages": (3, 4, 5)},
-    "down-partials": {"block_c": (32, 64, 128), "block_r": (64, 128, 256), "splits": (2, 4, 8), "num_stages": (2, 3)},
+    "down-partials": {"block_c": (32, 64, 128), "block_r": (64, 128, 256), "splits": (1, 2, 4, 8), "num_stages": (2, 3)},
 }
 
 
