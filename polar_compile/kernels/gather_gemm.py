@@ -20,7 +20,8 @@ contiguous). Algorithm:
 3. With one split a program finishes its own tile: bias (gathered through idx for up), ReLU (times up for gated),
    cast, store. With several (too few tiles to keep the SMs streaming: small k, narrow d_out) each program stores
    its fp32 partial tile and ``_finish_kernel``, grid (row blocks, column blocks), sums the splits in split order
-   (the same bits every run) and finishes.
+   (the same bits every run) and finishes. ``gather_down_partials_triton`` stops before that launch: the polar
+   backend sums the partials in graph ops that Inductor fuses into the MLP output's consumer (``passes/finish.py``).
 
 Every output element is written by exactly one program. Indices must be in [0, ffn): others read zero weights
 and bias instead of memory out of bounds. Grid and workspace depend on shapes only: no host sync, CUDA-graph
