@@ -160,7 +160,8 @@ def test_gather_gemms(k):
         def forward(self, x, h, w_gate, b_gate, w_up, b_up, w_t, b_down, idx):
             return (torch.ops.polar.gather_up(x, w_up, b_up, idx),
                     torch.ops.polar.gather_gated_up(x, w_gate, b_gate, w_up, b_up, idx),
-                    torch.ops.polar.gather_down(h, w_t, b_down, idx))
+                    torch.ops.polar.gather_down(h, w_t, b_down, idx),
+                    torch.ops.polar.gather_down_partials(h, w_t, idx, 2))  # k=5: a last slice of one
 
     model = export(Mlp(), draw())
     for _ in range(DRAWS):

@@ -39,6 +39,7 @@ from .. import ops  # noqa: F401  (registers the polar ops)
 __all__ = [
     "TRANSLATIONS",
     "gather_down",
+    "gather_down_partials",
     "gather_gated_up",
     "gather_up",
     "layer_mlp_router",
@@ -153,6 +154,21 @@ def gather_down(h: Value, w_t: Value, b: Value, idx: Value) -> Value:
     return op.Gemm(h, op.Gather(w_t, idx, axis=0), b)
 
 
+def gather_down_partials(h: Value, w_t: Value, idx: Value, split_len: int) -> Value:
+    """``polar::gather_down_partials``: ``h[:, part] @ w_t[idx[part]]`` in fp32 for each slice ``part`` of
+    ``split_len`` consecutive slots, ``[cdiv(k, split_len), N, d_out]`` (k padded with zero columns and rows to whole
+    slices, then one batched MatMul)."""
+    length = _ints(split_len)
+    pad = op.Mod(op.Sub(length, op.Mod(op.Shape(idx), length)), length)  # [1]: slots to a whole last slice
+    zero = _ints(0)
+    h = op.Pad(_float(h), op.Concat(zero, zero, zero, pad, axis=0))  # [N, S * L]
+    rows = op.Pad(_float(op.Gather(w_t, idx, axis=0)), op.Concat(zero, zero, pad, zero, axis=0))  # [S * L, d_out]
+    h = op.Transpose(op.Reshape(h, op.Concat(op.Shape(h, start=0, end=1), _ints(-1, split_len), axis=0)),
+                     perm=[1, 0, 2])  # [S, N, L]
+    rows = op.Reshape(rows, op.Concat(_ints(-1, split_len), op.Shape(w_t, start=1, end=2), axis=0))  # [S, L, d_out]
+    return op.MatMul(h, rows)
+
+
 def layer_router(hidden: Value, weight: Value, bias: Value, layer: int, k: int, min_saved_bytes: int) -> Value:
     """``polar::layer_router``, a marker the passes remove: a copy of ``hidden`` where one is left."""
     return op.Identity(hidden)
@@ -171,6 +187,7 @@ TRANSLATIONS: dict[Any, Callable[..., Value]] = {
     torch.ops.polar.gather_up.default: gather_up,
     torch.ops.polar.gather_gated_up.default: gather_gated_up,
     torch.ops.polar.gather_down.default: gather_down,
+    torch.ops.polar.gather_down_partials.default: gather_down_partials,
     torch.ops.polar.layer_router.default: layer_router,
     torch.ops.polar.layer_mlp_router.default: layer_mlp_router,
 }
