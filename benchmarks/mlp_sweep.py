@@ -23,6 +23,7 @@ from polar_compile.kernels.gather_gemm import (
     gather_down_triton,
     gather_up_config,
     gather_up_triton,
+    split_length,
 )
 
 # per op: block_c, block_r, splits, num_stages (sweeps 01-02 found num_warps flat; sweep 03 swept num_stages; sweep 04
@@ -66,7 +67,7 @@ def sweep(model: str, batch: int, density: float, op_names: list[str], log) -> N
         # the backend's form (passes/finish.py): the partials alone, their sum fused into the residual add
         "down-partials": (gather_down_config(batch, k, d, torch.bfloat16, sets[0]["x"].device),
                           lambda s, c: gather_down_partials_triton(s["h"], s["w2t"], s["idx"],
-                                                                   -(-k // c.splits), config=c)),
+                                                                   split_length(k, c)[1], config=c)),
     }
     for name, (heuristic, call) in ops.items():
         if name not in op_names:

@@ -48,6 +48,7 @@ __all__ = [
     "gather_down_triton",
     "gather_up_config",
     "gather_up_triton",
+    "split_length",
 ]
 
 
@@ -244,8 +245,9 @@ def gather_down_config(rows: int, k: int, d_out: int, dtype: torch.dtype, device
     return _config(rows, d_out, k, 64, k * d_out * torch.finfo(dtype).bits // 8, device)
 
 
-def _split_length(reduce: int, config: GatherConfig) -> tuple[int, int]:
-    """(splits, split_len): whole BLOCK_R chunks per split, every split non-empty."""
+def split_length(reduce: int, config: GatherConfig) -> tuple[int, int]:
+    """(splits, split_len) a launch with ``config`` runs over a reduction of ``reduce``: whole BLOCK_R chunks per
+    split, every split non-empty (so up to ``config.splits``)."""
     split_len = triton.cdiv(triton.cdiv(max(reduce, 1), config.splits), config.block_r) * config.block_r
     return triton.cdiv(max(reduce, 1), split_len), split_len
 
@@ -277,7 +279,7 @@ def gather_up_triton(
         return out
     if not gated:
         w_up, b_up = w, b  # not read by the kernel
-    splits, split_len = _split_length(d, config)
+    splits, split_len = split_length(d, config)
     part = _partials(splits, 2 if gated else 1, rows, k, x.device)
     dot_dtype, dot_precision = dot_types(x.dtype, x.device)
     grid = (triton.cdiv(rows, config.block_n), triton.cdiv(k, config.block_c), splits)
@@ -313,7 +315,7 @@ def gather_down_triton(
     assert out.shape == (rows, d_out) and out.dtype == h.dtype
     if out.numel() == 0:
         return out
-    splits, split_len = _split_length(k, config)
+    splits, split_len = split_length(k, config)
     if splits == 1:
         _launch_down(h, w_t, b, idx, out, _partials(1, 1, rows, d_out, h.device), split_len, config, finish=True)
         return out
@@ -326,7 +328,7 @@ def gather_down_triton(
 def gather_down_split_len(rows: int, k: int, d_out: int, dtype: torch.dtype, device: torch.device) -> int:
     """Selected neurons per split of the reduction that ``gather_down`` runs with by default (``>= k``: one
     split, which finishes its own tiles)."""
-    return _split_length(k, gather_down_config(rows, k, d_out, dtype, device))[1]
+    return split_length(k, gather_down_config(rows, k, d_out, dtype, device))[1]
 
 
 def gather_down_partials_triton(
