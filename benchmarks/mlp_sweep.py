@@ -3,7 +3,10 @@ configuration and a grid around it, each timed as ``benchmarks/mlp.py`` times (C
 inputs, medians), to tune ``gather_up_config`` / ``gather_down_config``.
 
     python benchmarks/mlp_sweep.py [--models opt-6.7b,opt-66b] [--batches 1,16] [--density 0.1] [--out sweep.md]
-                                   [--ops up,down,down-partials]
+                                   [--ops up,down,down-partials] [--grid small-batch|large-batch]
+
+``--grid large-batch`` also sweeps the rows per program and the warps, which the small-batch grid keeps at the
+heuristic's (a decode batch of up to 32 rows is one row block of 16 or 32 rows there).
 """
 
 import argparse
@@ -28,17 +31,21 @@ from polar_compile.kernels.gather_gemm import (
 
 # per op: block_c, block_r, splits, num_stages (sweeps 01-02 found num_warps flat; sweep 03 swept num_stages; sweep 04
 # adds one split (no finish launch) with narrower tiles)
-GRID = {
+SMALL_BATCH_GRID = {
     "up": {"block_c": (16, 32), "block_r": (128, 256), "splits": (1, 2, 4, 8), "num_stages": (3, 4, 5)},
     "down": {"block_c": (32, 64, 128), "block_r": (64, 128), "splits": (1, 2, 4), "num_stages": (3, 4, 5)},
     "down-partials": {"block_c": (32, 64, 128), "block_r": (64, 128, 256), "splits": (1, 2, 4, 8), "num_stages": (2, 3)},
 }
+_LARGE = {"block_n": (32, 64, 128), "block_c": (32, 64), "block_r": (64, 128), "splits": (1, 2, 4, 8),
+          "num_warps": (4, 8)}
+LARGE_BATCH_GRID = {"up": _LARGE, "down": _LARGE, "down-partials": _LARGE}
+GRIDS = {"small-batch": SMALL_BATCH_GRID, "large-batch": LARGE_BATCH_GRID}
 
 
-def candidates(op: str, heuristic: GatherConfig) -> list[GatherConfig]:
-    """The heuristic's configuration first, then the op's grid with its block_n."""
-    grid = [heuristic._replace(**dict(zip(GRID[op], values, strict=True)))
-            for values in itertools.product(*GRID[op].values())]
+def candidates(op: str, heuristic: GatherConfig, grid: dict) -> list[GatherConfig]:
+    """The heuristic's configuration first, then the op's grid (the heuristic's values where it has none)."""
+    grid = [heuristic._replace(**dict(zip(grid[op], values, strict=True)))
+            for values in itertools.product(*grid[op].values())]
     return [heuristic, *[config for config in grid if config != heuristic]]
 
 
@@ -51,7 +58,7 @@ def timed(call, config: GatherConfig, sets: list) -> float:
         return float("inf")
 
 
-def sweep(model: str, batch: int, density: float, op_names: list[str], log) -> None:
+def sweep(model: str, batch: int, density: float, op_names: list[str], grid: dict, log) -> None:
     d, ffn = mlp.MODELS[model]
     k = round(density * ffn)
     sets = mlp.make_sets(d, ffn, torch.bfloat16, min(16, max(2, mlp.ROTATE_BYTES // (2 * k * d * 2))))
@@ -72,7 +79,7 @@ def sweep(model: str, batch: int, density: float, op_names: list[str], log) -> N
     for name, (heuristic, call) in ops.items():
         if name not in op_names:
             continue
-        times = [(timed(call, config, sets), config) for config in candidates(name, heuristic)]
+        times = [(timed(call, config, sets), config) for config in candidates(name, heuristic, grid)]
         best_us, best = min(times, key=lambda item: item[0])
         one_us, one = min((item for item in times if item[1].splits == 1), key=lambda item: item[0])
         log(f"| {model} | {batch} | {density:g} | {name} | {times[0][0]:.1f} | {best_us:.1f} | "
@@ -88,6 +95,7 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--out", default=None)
     parser.add_argument("--ops", default="up,down,down-partials")
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="small-batch")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("mlp_sweep.py needs a CUDA GPU")
@@ -103,7 +111,7 @@ def main() -> None:
         "| heuristic config |")
     log("|---|---|---|---|---|---|---|---|---|---|")
     for model, batch in itertools.product(args.models.split(","), map(int, args.batches.split(","))):
-        sweep(model, batch, args.density, args.ops.split(","), log)
+        sweep(model, batch, args.density, args.ops.split(","), GRIDS[args.grid], log)
     if args.out:
         with open(args.out, "w") as file:
             file.write("\n".join(lines) + "\n")
