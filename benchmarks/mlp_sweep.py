@@ -3,7 +3,7 @@ configuration and a grid around it, each timed as ``benchmarks/mlp.py`` times (C
 inputs, medians), to tune ``gather_up_config`` / ``gather_down_config``.
 
     python benchmarks/mlp_sweep.py [--models opt-6.7b,opt-66b] [--batches 1,16] [--density 0.1] [--out sweep.md]
-                                   [--ops up,down,down-partials] [--grid small-batch|large-batch]
+                                   [--ops up,down,down-partials] [--grid small-batch|large-batch] [--all]
 
 ``--grid large-batch`` also sweeps the rows per program and the warps, which the small-batch grid keeps at the
 heuristic's (a decode batch of up to 32 rows is one row block of 16 or 32 rows there).
@@ -36,8 +36,7 @@ SMALL_BATCH_GRID = {
     "down": {"block_c": (32, 64, 128), "block_r": (64, 128), "splits": (1, 2, 4), "num_stages": (3, 4, 5)},
     "down-partials": {"block_c": (32, 64, 128), "block_r": (64, 128, 256), "splits": (1, 2, 4, 8), "num_stages": (2, 3)},
 }
-_LARGE = {"block_n": (32, 64, 128), "block_c": (32, 64), "block_r": (64, 128), "splits": (1, 2, 4, 8),
-          "num_warps": (4, 8)}
+_LARGE = {"block_n": (32, 64), "block_c": (32, 64), "block_r": (64, 128), "splits": (1, 2, 4, 8), "num_warps": (4, 8)}
 LARGE_BATCH_GRID = {"up": _LARGE, "down": _LARGE, "down-partials": _LARGE}
 GRIDS = {"small-batch": SMALL_BATCH_GRID, "large-batch": LARGE_BATCH_GRID}
 
@@ -58,7 +57,8 @@ def timed(call, config: GatherConfig, sets: list) -> float:
         return float("inf")
 
 
-def sweep(model: str, batch: int, density: float, op_names: list[str], grid: dict, log) -> None:
+def sweep(model: str, batch: int, density: float, op_names: list[str], grid: dict, log, every=None) -> None:
+    """Times each op's candidates for one case; ``log`` gets the table row, ``every`` (if given) all times."""
     d, ffn = mlp.MODELS[model]
     k = round(density * ffn)
     sets = mlp.make_sets(d, ffn, torch.bfloat16, min(16, max(2, mlp.ROTATE_BYTES // (2 * k * d * 2))))
@@ -80,6 +80,9 @@ def sweep(model: str, batch: int, density: float, op_names: list[str], grid: dic
         if name not in op_names:
             continue
         times = [(timed(call, config, sets), config) for config in candidates(name, heuristic, grid)]
+        if every:
+            every(f"{model} B={batch} density {density:g} {name}: " + ", ".join(
+                f"{us:.1f} {tuple(config)}" for us, config in sorted(times)))
         best_us, best = min(times, key=lambda item: item[0])
         one_us, one = min((item for item in times if item[1].splits == 1), key=lambda item: item[0])
         log(f"| {model} | {batch} | {density:g} | {name} | {times[0][0]:.1f} | {best_us:.1f} | "
@@ -96,6 +99,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--ops", default="up,down,down-partials")
     parser.add_argument("--grid", choices=sorted(GRIDS), default="small-batch")
+    parser.add_argument("--all", action="store_true", help="also print every configuration's time, fastest first")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("mlp_sweep.py needs a CUDA GPU")
@@ -111,7 +115,8 @@ def main() -> None:
         "| heuristic config |")
     log("|---|---|---|---|---|---|---|---|---|---|")
     for model, batch in itertools.product(args.models.split(","), map(int, args.batches.split(","))):
-        sweep(model, batch, args.density, args.ops.split(","), GRIDS[args.grid], log)
+        sweep(model, batch, args.density, args.ops.split(","), GRIDS[args.grid], log,
+              every=(lambda line: print(line, flush=True)) if args.all else None)
     if args.out:
         with open(args.out, "w") as file:
             file.write("\n".join(lines) + "\n")
