@@ -213,36 +213,43 @@ class GatherConfig(NamedTuple):
     num_stages: int = 3
 
 
-def _config(rows: int, cols: int, reduce: int, block_c: int, weight_bytes: int, device: torch.device) -> GatherConfig:
-    block_n = min(128, max(16, triton.next_power_of_2(rows)))
+def _config(rows: int, cols: int, reduce: int, block_c: int, up: bool, weight_bytes: int,
+            device: torch.device) -> GatherConfig:
+    block_n = min(64, max(16, triton.next_power_of_2(rows)))
     block_r = 128 if block_n <= 32 else 64  # x/h tile + weight tile, 3 stages: <= 72 KiB of shared memory
+    if block_n > 32:  # sweeps 07-08 (B = 64, 128): 64 columns a program, 8 warps for up and 4 for down
+        block_c, num_warps = 64, 8 if up else 4
+    else:
+        num_warps = 4
     tiles = triton.cdiv(rows, block_n) * triton.cdiv(cols, block_c)
     # fewer tiles than 2 per SM: split for ~4 programs per SM (sweeps 01-04: OPT-66B gather_down 1.15x with 4 splits
     # over 2; 6.7B shapes flat to 1.06x)
     splits = 1 if tiles >= 2 * num_sms(device) else triton.cdiv(4 * num_sms(device), tiles)
     splits = min(splits, MAX_SPLITS, max(1, triton.cdiv(reduce, 2 * block_r)))  # >= 2 chunks a split
-    # fp32 partials (written and read once) cost at most 1/4 of the weight bytes the call streams
-    splits = max(1, min(splits, weight_bytes // (4 * 4 * max(1, rows * cols))))
-    return GatherConfig(block_n, block_c, block_r, splits, num_warps=4 if block_n <= 32 else 8, num_stages=3)
+    # fp32 partials (written and read once) cost at most 1/2 of the weight bytes the call streams (sweep 08: at
+    # OPT-6.7B B=128 a cap of 1/4 left gather_down one split, 2.3x slower than two)
+    splits = max(1, min(splits, weight_bytes // (2 * 4 * max(1, rows * cols))))
+    return GatherConfig(block_n, block_c, block_r, splits, num_warps=num_warps, num_stages=3)
 
 
 def gather_up_config(rows: int, d: int, k: int, gated: bool, dtype: torch.dtype, device: torch.device) -> GatherConfig:
     """Launch configuration of gather_up / gather_gated_up from shapes alone (static, so CUDA-graph safe).
 
-    A decode batch (N <= 128) is one row block, so the selected weight rows are read once; 32 neurons a program,
-    d in chunks of 128 (64 for N > 32): 256 B of each gathered row a step. When that gives fewer than 2 programs
-    per SM (small k), d is split for about 4 programs per SM, over up to 8 programs, each >= 2 chunks, while the
-    fp32 partials stay under 1/4 of the weight bytes read (benchmarks/mlp_sweep.py tunes these).
+    A decode batch of up to 64 rows is one row block, so the selected weight rows are read once (larger batches
+    read them once per 64 rows, mostly from L2); 32 neurons a program, d in chunks of 128 (64 neurons and chunks of
+    64 for N > 32): 256 B of each gathered row a step. When that gives fewer than 2 programs per SM (small k), d is
+    split for about 4 programs per SM, over up to 8 programs, each >= 2 chunks, while the fp32 partials stay under
+    1/2 of the weight bytes read (benchmarks/mlp_sweep.py tunes these).
     """
     weight_bytes = (2 if gated else 1) * k * d * torch.finfo(dtype).bits // 8
-    return _config(rows, k, d, 32, weight_bytes, device)
+    return _config(rows, k, d, 32, True, weight_bytes, device)
 
 
 def gather_down_config(rows: int, k: int, d_out: int, dtype: torch.dtype, device: torch.device) -> GatherConfig:
     """Launch configuration of gather_down from shapes alone: as ``gather_up_config``, with 64 output features a
     program (128 B of each gathered w_t row in bf16: whole cache lines) and the k selected neurons split instead
     of d."""
-    return _config(rows, d_out, k, 64, k * d_out * torch.finfo(dtype).bits // 8, device)
+    return _config(rows, d_out, k, 64, False, k * d_out * torch.finfo(dtype).bits // 8, device)
 
 
 def split_length(reduce: int, config: GatherConfig) -> tuple[int, int]:
