@@ -215,12 +215,11 @@ class GatherConfig(NamedTuple):
 
 def _config(rows: int, cols: int, reduce: int, block_c: int, up: bool, weight_bytes: int,
             device: torch.device) -> GatherConfig:
-    block_n = min(64, max(16, triton.next_power_of_2(rows)))
+    block_n = min(128, max(16, triton.next_power_of_2(rows)))
     block_r = 128 if block_n <= 32 else 64  # x/h tile + weight tile, 3 stages: <= 72 KiB of shared memory
-    if block_n > 32:  # sweeps 07-08 (B = 64, 128): 64 columns a program, 8 warps for up and 4 for down
+    num_warps = 4 if block_n <= 32 else 8
+    if block_n == 64:  # sweep 08 (B = 64): 64 columns a program, 8 warps for up and 4 for down
         block_c, num_warps = 64, 8 if up else 4
-    else:
-        num_warps = 4
     tiles = triton.cdiv(rows, block_n) * triton.cdiv(cols, block_c)
     # fewer tiles than 2 per SM: split for ~4 programs per SM (sweeps 01-04: OPT-66B gather_down 1.15x with 4 splits
     # over 2; 6.7B shapes flat to 1.06x)
@@ -235,11 +234,10 @@ def _config(rows: int, cols: int, reduce: int, block_c: int, up: bool, weight_by
 def gather_up_config(rows: int, d: int, k: int, gated: bool, dtype: torch.dtype, device: torch.device) -> GatherConfig:
     """Launch configuration of gather_up / gather_gated_up from shapes alone (static, so CUDA-graph safe).
 
-    A decode batch of up to 64 rows is one row block, so the selected weight rows are read once (larger batches
-    read them once per 64 rows, mostly from L2); 32 neurons a program, d in chunks of 128 (64 neurons and chunks of
-    64 for N > 32): 256 B of each gathered row a step. When that gives fewer than 2 programs per SM (small k), d is
-    split for about 4 programs per SM, over up to 8 programs, each >= 2 chunks, while the fp32 partials stay under
-    1/2 of the weight bytes read (benchmarks/mlp_sweep.py tunes these).
+    A decode batch (N <= 128) is one row block, so the selected weight rows are read once; 32 neurons a program
+    (64 for 32 < N <= 64), d in chunks of 128 (64 for N > 32): 256 B of each gathered row a step. When that gives
+    fewer than 2 programs per SM (small k), d is split for about 4 programs per SM, over up to 8 programs, each >= 2
+    chunks, while the fp32 partials stay under 1/2 of the weight bytes read (benchmarks/mlp_sweep.py tunes these).
     """
     weight_bytes = (2 if gated else 1) * k * d * torch.finfo(dtype).bits // 8
     return _config(rows, k, d, 32, True, weight_bytes, device)

@@ -201,7 +201,7 @@ def test_out_of_range_indices_read_zeros():
 @pytest.mark.parametrize(("d", "ffn"), [(4096, 16384), (9216, 36864)])  # OPT-6.7B, OPT-66B
 def test_heuristic_configs_for_model_shapes(d, ffn):
     """Static, sane configs: a decode batch is one row block (weights read once), tl.dot tiles >= 16, splits in
-    [1, MAX_SPLITS] only where tiles are fewer than 2 per SM, fp32 partials <= 1/4 of the weight bytes."""
+    [1, MAX_SPLITS] only where tiles are fewer than 2 per SM, fp32 partials <= 1/2 of the weight bytes."""
     cpu = torch.device("cpu")  # 132 SMs off the GPU, an H200's count
     for rows in (1, 8, 16, 32, 64, 128):
         for density in (0.1, 0.25, 0.5, 1.0):
@@ -215,6 +215,6 @@ def test_heuristic_configs_for_model_shapes(d, ffn):
                 assert 1 <= config.splits <= MAX_SPLITS
                 tiles = math.ceil(cols / config.block_c)
                 assert config.splits == 1 or tiles < 2 * 132
-                assert config.splits == 1 or 16 * config.splits * rows * cols <= weight_bytes
+                assert config.splits == 1 or 8 * config.splits * rows * cols <= weight_bytes
     assert gather_up_config(1, d, round(0.1 * ffn), False, torch.bfloat16, cpu).splits > 1
     assert gather_up_config(128, d, ffn, False, torch.bfloat16, cpu).splits == 1
