@@ -66,16 +66,18 @@ def test_reference_picks_float64_top_k(args):
     assert_top_k(route_reference(x, weight, bias, k), x, weight, bias, k, x.dtype)
 
 
-@pytest.mark.parametrize("extra_units", [0, 34])  # the kernel's all-pairs ranking (<= 32 units) and its loop
+@pytest.mark.parametrize("extra_units", [0, 34, 110])  # sorts 16, 64 and 128 wide
 def test_ties_and_nan_rank_like_the_reference(extra_units):
-    """Exact ties go to the lower index and NaN scores rank last, in the kernel as in the reference."""
-    units = 6 + extra_units
+    """Exact ties go to the lower index (-0.0 ties +0.0) and NaN scores rank with -inf, last, in the kernel as in
+    the reference."""
+    units = 9 + extra_units
     x = torch.ones(3, 4)
     weight = torch.zeros(units, 4)
-    bias = torch.cat([torch.tensor([1.0, 2.0, 2.0, float("nan"), 2.0, -1.0]), torch.full((extra_units,), -2.0)])
+    head = [1.0, 2.0, 2.0, float("nan"), 2.0, -1.0, -0.0, 0.0, float("-inf")]
+    bias = torch.cat([torch.tensor(head), torch.full((extra_units,), -2.0)])
     x[2, 0] = float("nan")  # row 2: every score is NaN -> units in index order
     expected = route_reference(x, weight, bias, units)
-    assert expected[0].tolist() == [1, 2, 4, 0, 5, *range(6, units), 3]
+    assert expected[0].tolist() == [1, 2, 4, 0, 6, 7, 5, *range(9, units), 3, 8]
     assert expected[2].tolist() == list(range(units))
     out = route_triton(x.to(DEVICE), weight.to(DEVICE), bias.to(DEVICE), units).cpu()
     assert torch.equal(out, expected)
