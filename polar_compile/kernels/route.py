@@ -112,6 +112,7 @@ def route_triton(x: Tensor, weight: Tensor, bias: Tensor, k: int) -> Tensor:
         rows.stride(0), rows.stride(1), weight.stride(0), weight.stride(1), k,
         NUM_SPLITS=splits, BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K, BLOCK_U=block_u,
         DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision,
-        num_warps=4,
+        # H200, 8 warps against 4: 72 units 12.3 -> 10.4 us (B=1), 13.5 -> 11.5 (B=64); 32 even; 8 units +0.2 us
+        num_warps=8 if block_u >= 32 else 4,
     )
     return out
