@@ -1,5 +1,5 @@
 """The head router (``polar::route``'s kernel) against edited copies of itself, side by side in one process: where
-its microseconds go (no ranking at all, more hidden splits, other hidden chunks, 8 warps).
+its microseconds go (no ranking at all, fewer or more hidden splits, other hidden chunks, pipeline stages, warps).
 
     python benchmarks/head_router_variants.py
 
@@ -22,15 +22,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mlp_profile import kernel_table, per_call_us, rotating
 
 ROUTE_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "polar_compile", "kernels", "route.py")
+WARPS = "num_warps=8 if block_u >= 32 else 4,"
 VARIANTS = {
     "file": [],
     "nosort": [("ranked = tl.sort(packed, dim=1, descending=True)", "ranked = packed")],
+    "splits8": [("_MAX_SPLITS = 16", "_MAX_SPLITS = 8")],
     "splits32": [("_MAX_SPLITS = 16", "_MAX_SPLITS = 32")],
-    "splits64": [("_MAX_SPLITS = 16", "_MAX_SPLITS = 64")],
-    "k64s32": [("_MAX_SPLITS = 16", "_MAX_SPLITS = 32"), ("_BLOCK_K = 128", "_BLOCK_K = 64")],
+    "k64": [("_BLOCK_K = 128", "_BLOCK_K = 64")],
     "k256": [("_BLOCK_K = 128", "_BLOCK_K = 256")],
+    "stages2": [(WARPS, WARPS + " num_stages=2,")],
+    "stages4": [(WARPS, WARPS + " num_stages=4,")],
+    "warps16": [(WARPS, "num_warps=16 if block_u >= 64 else 8 if block_u >= 32 else 4,")],
 }
-SHAPES = ((9216, 72), (4096, 32), (8192, 64))  # hidden x units: OPT-66B, OPT-6.7B / Llama-2-7B, 64 heads
+SHAPES = ((9216, 72), (4096, 32), (8192, 64), (5120, 40))  # hidden x units: OPT-66B, OPT-6.7B, 64 heads, Llama-2-13B
 
 
 def load_variants(directory: str) -> dict:
