@@ -68,8 +68,8 @@ def test_reference_picks_float64_top_k(args):
 
 @pytest.mark.parametrize("extra_units", [0, 34, 110])  # sorts 16, 64 and 128 wide
 def test_ties_and_nan_rank_like_the_reference(extra_units):
-    """Exact ties go to the lower index (-0.0 ties +0.0) and NaN scores rank with -inf, last, in the kernel as in
-    the reference."""
+    """Exact ties go to the lower index (a -0.0 bias ties a +0.0 one) and NaN scores rank with -inf, last, in the
+    kernel as in the reference."""
     units = 9 + extra_units
     x = torch.ones(3, 4)
     weight = torch.zeros(units, 4)

@@ -37,7 +37,8 @@ def _route_kernel(
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # X: [rows, hidden]   W: [units, hidden]   BIAS: [units]   OUT: [rows, k] int64
-    # PARTIAL: [NUM_SPLITS, row blocks * BLOCK_M, BLOCK_U] fp32   ARRIVED: [row blocks] int32, zero on entry
+    # PARTIAL: [NUM_SPLITS, row blocks * BLOCK_M, BLOCK_U] fp32 (unused for one split)
+    # ARRIVED: [row blocks] int32, zero on entry
     block = tl.program_id(0)
     split = tl.program_id(1)
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -57,9 +58,9 @@ def _route_kernel(
                     mask=unit_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_U]
         scores = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), scores, input_precision=DOT_PRECISION)
 
-    partial = PARTIAL + offs_m[:, None] * BLOCK_U + offs_u[None, :]  # this row block's tile, split 0
-    split_stride = tl.num_programs(0) * BLOCK_M * BLOCK_U
     if NUM_SPLITS > 1:
+        partial = PARTIAL + offs_m[:, None] * BLOCK_U + offs_u[None, :]  # this row block's tile, split 0
+        split_stride = tl.num_programs(0) * BLOCK_M * BLOCK_U
         tl.store(partial + split * split_stride, scores)
         # Every thread's stores are issued before the one atomic (barrier); acq_rel then makes this program's
         # partials visible to whichever program arrives last, and that one sees all of them.
@@ -103,7 +104,8 @@ def route_triton(x: Tensor, weight: Tensor, bias: Tensor, k: int) -> Tensor:
     split_len = triton.cdiv(triton.cdiv(hidden, splits), _BLOCK_K) * _BLOCK_K
     splits = triton.cdiv(hidden, split_len)  # every split non-empty
     block_u = max(16, triton.next_power_of_2(num_units))
-    partial = torch.empty((splits, row_blocks * _BLOCK_M, block_u), dtype=torch.float32, device=x.device)
+    part_shape = (splits, row_blocks * _BLOCK_M, block_u) if splits > 1 else (1,)  # one split keeps its scores
+    partial = torch.empty(part_shape, dtype=torch.float32, device=x.device)
     arrived = torch.zeros(row_blocks, dtype=torch.int32, device=x.device)
     dot_dtype, dot_precision = dot_types(x.dtype, x.device)
     wrap_triton(_route_kernel)[(row_blocks, splits)](
