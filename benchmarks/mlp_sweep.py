@@ -3,10 +3,11 @@ configuration and a grid around it, each timed as ``benchmarks/mlp.py`` times (C
 inputs, medians), to tune ``gather_up_config`` / ``gather_down_config``.
 
     python benchmarks/mlp_sweep.py [--models opt-6.7b,opt-66b] [--batches 1,16] [--density 0.1] [--out sweep.md]
-                                   [--ops up,down,down-partials] [--grid small-batch|large-batch] [--all]
+                                   [--ops up,gated-up,down,down-partials] [--grid small-batch|large-batch|few-rows] [--all]
 
 ``--grid large-batch`` also sweeps the rows per program and the warps, which the small-batch grid keeps at the
-heuristic's (a decode batch of up to 32 rows is one row block of 16 or 32 rows there).
+heuristic's (a decode batch of up to 32 rows is one row block of 16 or 32 rows there). ``--grid few-rows`` runs
+row blocks of one row (B=1), which multiply-add in fp32 instead of padding a ``tl.dot`` tile to 16 rows.
 """
 
 import argparse
@@ -15,6 +16,7 @@ import os
 import sys
 
 import torch
+import triton
 
 sys.path.insert(0, os.path.dirname(__file__))
 import mlp
@@ -38,13 +40,20 @@ SMALL_BATCH_GRID = {
 }
 _LARGE = {"block_n": (32, 64), "block_c": (32, 64), "block_r": (64, 128), "splits": (1, 2, 4, 8), "num_warps": (4, 8)}
 LARGE_BATCH_GRID = {"up": _LARGE, "down": _LARGE, "down-partials": _LARGE}
-GRIDS = {"small-batch": SMALL_BATCH_GRID, "large-batch": LARGE_BATCH_GRID}
+# row blocks of fewer than 16 rows multiply-add in fp32 instead of padding a tl.dot tile to 16 (run 33: gather_up
+# at B=1 1.08-1.26x, gather_down no gain); block_n is the batch's next power of two
+_FEW_UP = {"block_c": (1, 2, 4, 8), "block_r": (256, 512, 1024, 2048), "splits": (1,), "num_warps": (4, 8)}
+FEW_ROWS_GRID = {"up": _FEW_UP, "gated-up": _FEW_UP,
+                 "down-partials": {"block_c": (64, 128), "block_r": (64, 128), "splits": (4, 8), "num_warps": (4,)}}
+GRIDS = {"small-batch": SMALL_BATCH_GRID, "large-batch": LARGE_BATCH_GRID, "few-rows": FEW_ROWS_GRID}
 
 
-def candidates(op: str, heuristic: GatherConfig, grid: dict) -> list[GatherConfig]:
-    """The heuristic's configuration first, then the op's grid (the heuristic's values where it has none)."""
-    grid = [heuristic._replace(**dict(zip(grid[op], values, strict=True)))
-            for values in itertools.product(*grid[op].values())]
+def candidates(op: str, heuristic: GatherConfig, grid: dict, batch: int) -> list[GatherConfig]:
+    """The heuristic's configuration first, then the op's grid (the heuristic's values where it has none; for the
+    few-rows grid, row blocks of the batch's next power of two)."""
+    fixed = {"block_n": triton.next_power_of_2(batch)} if grid is FEW_ROWS_GRID else {}
+    grid = [heuristic._replace(**fixed, **dict(zip(grid.get(op, {}), values, strict=True)))
+            for values in itertools.product(*grid.get(op, {}).values())]
     return [heuristic, *[config for config in grid if config != heuristic]]
 
 
@@ -69,6 +78,9 @@ def sweep(model: str, batch: int, density: float, op_names: list[str], grid: dic
     ops = {
         "up": (gather_up_config(batch, d, k, False, torch.bfloat16, sets[0]["x"].device),
                lambda s, c: gather_up_triton(s["x"], s["w1"], s["b1"], s["idx"], config=c)),
+        # gate and up rows from two weights of one shape (w2t is [ffn, d] too)
+        "gated-up": (gather_up_config(batch, d, k, True, torch.bfloat16, sets[0]["x"].device),
+                     lambda s, c: gather_up_triton(s["x"], s["w1"], s["b1"], s["idx"], s["w2t"], s["b1"], config=c)),
         "down": (gather_down_config(batch, k, d, torch.bfloat16, sets[0]["x"].device),
                  lambda s, c: gather_down_triton(s["h"], s["w2t"], s["b2"], s["idx"], config=c)),
         # the backend's form (passes/finish.py): the partials alone, their sum fused into the residual add
@@ -79,14 +91,15 @@ def sweep(model: str, batch: int, density: float, op_names: list[str], grid: dic
     for name, (heuristic, call) in ops.items():
         if name not in op_names:
             continue
-        times = [(timed(call, config, sets), config) for config in candidates(name, heuristic, grid)]
+        times = [(timed(call, config, sets), config) for config in candidates(name, heuristic, grid, batch)]
         if every:
             every(f"{model} B={batch} density {density:g} {name}: " + ", ".join(
                 f"{us:.1f} {tuple(config)}" for us, config in sorted(times)))
         best_us, best = min(times, key=lambda item: item[0])
-        one_us, one = min((item for item in times if item[1].splits == 1), key=lambda item: item[0])
+        one = min((item for item in times if item[1].splits == 1), key=lambda item: item[0], default=None)
+        one_text = "-" if one is None else f"{one[0]:.1f} {tuple(one[1])}"
         log(f"| {model} | {batch} | {density:g} | {name} | {times[0][0]:.1f} | {best_us:.1f} | "
-            f"{times[0][0] / best_us:.2f}x | {tuple(best)} | {one_us:.1f} {tuple(one)} | {tuple(heuristic)} |")
+            f"{times[0][0] / best_us:.2f}x | {tuple(best)} | {one_text} | {tuple(heuristic)} |")
     del sets
     torch.cuda.empty_cache()
 

@@ -53,6 +53,23 @@ __all__ = [
 
 
 @triton.jit
+def _row_times_rows(a, b, acc, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b for a [BLOCK_N, R], b [R, C]: tl.dot for row blocks of >= 16 (the tensor-core tile); for fewer
+    rows (B <= 8 decode) fp32 multiply-adds, so no program pads its rows to 16."""
+    if a.shape[0] >= 16:
+        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+    return acc + tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+
+
+@triton.jit
+def _row_times_cols(a, b, acc, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b^T for a [BLOCK_N, R], b [C, R] (as ``_row_times_rows``)."""
+    if a.shape[0] >= 16:
+        return tl.dot(a.to(DOT_DTYPE), tl.trans(b.to(DOT_DTYPE)), acc, input_precision=DOT_PRECISION)
+    return acc + tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
+
+
+@triton.jit
 def _up_epilogue(gate, up, B_GATE, B_UP, neurons, neuron_ok, stride_bg, stride_bu, GATED: tl.constexpr):
     """relu(gate + b_gate[neurons]), times (up + b_up[neurons]) if GATED; [BLOCK_N, BLOCK_C] fp32. NaN stays NaN
     (as in torch.relu)."""
@@ -101,10 +118,10 @@ def _gather_up_kernel(
         w_ok = neuron_ok[:, None] & r_ok[None, :]
         w = tl.load(W_GATE + neurons[:, None] * stride_wgf + r[None, :] * stride_wgd,
                     mask=w_ok, other=0.0)  # [BLOCK_C, BLOCK_R]: the neurons' rows, contiguous along d
-        gate = tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), gate, input_precision=DOT_PRECISION)
+        gate = _row_times_cols(x, w, gate, DOT_DTYPE, DOT_PRECISION)
         if GATED:
             w = tl.load(W_UP + neurons[:, None] * stride_wuf + r[None, :] * stride_wud, mask=w_ok, other=0.0)
-            up = tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), up, input_precision=DOT_PRECISION)
+            up = _row_times_cols(x, w, up, DOT_DTYPE, DOT_PRECISION)
 
     tile_ok = row_ok[:, None] & col_ok[None, :]
     if SPLITS == 1:
@@ -151,7 +168,7 @@ def _gather_down_kernel(
                     mask=row_ok[:, None] & j_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_R]
         w = tl.load(W_T + neurons[:, None] * stride_wf + offs_c[None, :] * stride_wc,
                     mask=neuron_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_C]: rows of w_t
-        acc = tl.dot(h.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        acc = _row_times_rows(h, w, acc, DOT_DTYPE, DOT_PRECISION)
 
     tile_ok = row_ok[:, None] & col_ok[None, :]
     if FINISH:
@@ -200,6 +217,7 @@ def _finish_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 
 MAX_SPLITS = 8
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension (column blocks)
 
 
 class GatherConfig(NamedTuple):
@@ -238,9 +256,20 @@ def gather_up_config(rows: int, d: int, k: int, gated: bool, dtype: torch.dtype,
     (64 for 32 < N <= 64), d in chunks of 128 (64 for N > 32): 256 B of each gathered row a step. When that gives
     fewer than 2 programs per SM (small k), d is split for about 4 programs per SM, over up to 8 programs, each >= 2
     chunks, while the fp32 partials stay under 1/2 of the weight bytes read (benchmarks/mlp_sweep.py tunes these).
+    One row (B=1) multiply-adds in fp32 instead, when there are enough neurons for 2 programs per SM without
+    splits: 2 neurons a program (4 gated), d in chunks of up to 2048.
     """
     weight_bytes = (2 if gated else 1) * k * d * torch.finfo(dtype).bits // 8
-    return _config(rows, k, d, 32, True, weight_bytes, device)
+    config = _config(rows, k, d, 32, True, weight_bytes, device)
+    if rows != 1:
+        return config
+    # sweeps 10-11 (run 33-34): at B=1 and 10% of the neurons 1.08-1.26x faster than a 16-row tl.dot tile with 5-8
+    # splits and their finishing launch (at B >= 2 the dot is as fast or faster, except 1.14x at OPT-6.7B B=2)
+    block_c = max(4 if gated else 2, triton.next_power_of_2(triton.cdiv(k, MAX_GRID_Y)))
+    block_r = min(triton.next_power_of_2(d), next((c for c in (2048, 1024, 512, 256) if d % c == 0), 1024))
+    if triton.cdiv(k, block_c) < 2 * num_sms(device):  # too few neurons to fill the GPU without splits: as tuned
+        return config
+    return GatherConfig(1, block_c, block_r, 1, num_warps=4, num_stages=3)
 
 
 def gather_down_config(rows: int, k: int, d_out: int, dtype: torch.dtype, device: torch.device) -> GatherConfig:

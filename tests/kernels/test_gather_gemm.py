@@ -74,8 +74,8 @@ def random_idx(ffn, k, generator, order):
 
 CONFIGS = st.builds(
     GatherConfig,
-    block_n=st.sampled_from([16, 32]),
-    block_c=st.sampled_from([16, 32]),
+    block_n=st.sampled_from([1, 2, 4, 16, 32]),  # < 16: the multiply-add path, >= 16: tl.dot
+    block_c=st.sampled_from([4, 16, 32]),
     block_r=st.sampled_from([16, 32, 64]),
     splits=st.integers(1, 4),
     num_warps=st.just(4),
@@ -176,6 +176,25 @@ def test_default_configs_split_and_finish(dtype):
     torch.testing.assert_close(sum(parts.unbind(0)[1:], parts[0]).add(b_down.float()).to(dtype), out, atol=0, rtol=ulps)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_default_config_for_one_row(gated):
+    """B=1 with enough neurons for the heuristic's one-row path (fp32 multiply-adds, no split) against float64."""
+    generator = torch.Generator().manual_seed(4)
+    d, ffn, k, dtype = 40, 1200, 1100, torch.bfloat16
+    assert gather_up_config(1, d, k, gated, dtype, torch.device(DEVICE)).block_n == 1
+    x = make((1, d), dtype, generator)
+    w, w_up = (make((ffn, d), dtype, generator, scale=d**-0.5) for _ in range(2))
+    b, b_up = make((ffn,), dtype, generator), make((ffn,), dtype, generator)
+    idx = random_idx(ffn, k, generator, "random")
+    out = torch.full((1, k), math.nan, dtype=dtype, device=DEVICE)
+    expected = up_float64(x, w, b, idx).clamp(min=0)
+    if gated:
+        check(gather_up_triton(x, w, b, idx, w_up, b_up, out=out), out, expected * up_float64(x, w_up, b_up, idx),
+              dtype)
+    else:
+        check(gather_up_triton(x, w, b, idx, out=out), out, expected, dtype)
+
+
 def test_split_count_does_not_change_the_result():
     """Splits cover the reduction exactly once: 1..5 splits agree (incl. more splits than chunks)."""
     generator = torch.Generator().manual_seed(5)
@@ -200,8 +219,9 @@ def test_out_of_range_indices_read_zeros():
 
 @pytest.mark.parametrize(("d", "ffn"), [(4096, 16384), (9216, 36864)])  # OPT-6.7B, OPT-66B
 def test_heuristic_configs_for_model_shapes(d, ffn):
-    """Static, sane configs: a decode batch is one row block (weights read once), tl.dot tiles >= 16, splits in
-    [1, MAX_SPLITS] only where tiles are fewer than 2 per SM, fp32 partials <= 1/2 of the weight bytes."""
+    """Static, sane configs: a decode batch is one row block (weights read once), tl.dot tiles >= 16 (gather_up at
+    B=1: one row, no split, whole chunks of d), splits in [1, MAX_SPLITS] only where tiles are fewer than 2 per SM,
+    fp32 partials <= 1/2 of the weight bytes."""
     cpu = torch.device("cpu")  # 132 SMs off the GPU, an H200's count
     for rows in (1, 8, 16, 32, 64, 128):
         for density in (0.1, 0.25, 0.5, 1.0):
@@ -211,10 +231,17 @@ def test_heuristic_configs_for_model_shapes(d, ffn):
                 (gather_up_config(rows, d, k, True, torch.bfloat16, cpu), k, 4 * k * d),
                 (gather_down_config(rows, k, d, torch.bfloat16, cpu), d, 2 * k * d),
             ):
-                assert config.block_n >= rows and min(config.block_n, config.block_c, config.block_r) >= 16
+                assert config.block_n >= rows
+                if config.block_n == 1:  # gather_up's multiply-add path at B=1
+                    assert cols == k and config.splits == 1 and d % config.block_r == 0
+                    assert 2 * 132 <= math.ceil(k / config.block_c) <= 65535
+                else:
+                    assert min(config.block_n, config.block_c, config.block_r) >= 16
                 assert 1 <= config.splits <= MAX_SPLITS
                 tiles = math.ceil(cols / config.block_c)
                 assert config.splits == 1 or tiles < 2 * 132
                 assert config.splits == 1 or 8 * config.splits * rows * cols <= weight_bytes
-    assert gather_up_config(1, d, round(0.1 * ffn), False, torch.bfloat16, cpu).splits > 1
+    assert gather_up_config(1, d, round(0.1 * ffn), False, torch.bfloat16, cpu).block_n == 1
+    assert gather_up_config(2, d, round(0.1 * ffn), False, torch.bfloat16, cpu).splits > 1
+    assert gather_up_config(1, d, 256, False, torch.bfloat16, cpu).splits > 1  # too few neurons: split tl.dot tiles
     assert gather_up_config(128, d, ffn, False, torch.bfloat16, cpu).splits == 1
