@@ -13,7 +13,9 @@ contiguous). Algorithm:
 1. ``_gather_up_kernel``, grid (row blocks, column blocks, splits). Program (m, c, s) owns BLOCK_N rows of x (a
    whole decode batch when BLOCK_N >= N, so each weight row is read once in all) and the BLOCK_C neurons
    idx[c*BLOCK_C : (c+1)*BLOCK_C]. It streams the s-th slice of d in BLOCK_R chunks, gathering those neurons' rows
-   of w (and of w_up, same indices):  acc += x[:, chunk] @ w[neurons, chunk]^T  (tl.dot, rows past N are zeros).
+   of w (and of w_up, same indices):  acc += x[:, chunk] @ w[neurons, chunk]^T  (tl.dot, rows past N are zeros;
+   row blocks under 16 rows multiply-add in fp32 instead, which the heuristic picks for B=1: a few neurons a
+   program over the whole of d, no split).
 2. ``_gather_down_kernel``, grid (row blocks, column blocks, splits). Program (m, c, s) owns BLOCK_N rows of h and
    BLOCK_C output columns. It streams the s-th slice of the k selected neurons in BLOCK_R chunks, gathering rows
    idx[j] of w_t over its columns (contiguous, so coalesced):  acc += h[:, chunk] @ w_t[idx[chunk], columns].
