@@ -236,6 +236,12 @@ class GatherConfig(NamedTuple):
 def _config(rows: int, cols: int, reduce: int, block_c: int, up: bool, weight_bytes: int,
             device: torch.device) -> GatherConfig:
     block_n = min(128, max(16, triton.next_power_of_2(rows)))
+    if up and block_n > 64 and rows * cols < 2 * num_sms(device) * 128 * block_c:
+        # too few 128-row tiles to fill the GPU (small k): blocks of 64 rows before splitting the reduction; a row
+        # block's neighbour runs beside it, so the second read of a weight row is mostly from L2 (sweep 12, OPT-6.7B
+        # B=128 at 10%: gather_up 18.8 -> 14.5 µs; gather_down, whose tiles span d, gained nothing, and 32-row blocks
+        # at B=64 lost up to 9% at densities 0.25-1.0: run 39)
+        block_n = 64
     block_r = 128 if block_n <= 32 else 64  # x/h tile + weight tile, 3 stages: <= 72 KiB of shared memory
     num_warps = 4 if block_n <= 32 else 8
     if block_n == 64:  # sweep 08 (B = 64): 64 columns a program, 8 warps for up and 4 for down
