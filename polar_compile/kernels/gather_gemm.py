@@ -56,8 +56,8 @@ __all__ = [
 
 @triton.jit
 def _row_times_rows(a, b, acc, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc + a @ b for a [BLOCK_N, R], b [R, C]: tl.dot for row blocks of >= 16 (the tensor-core tile); for fewer
-    rows (B <= 8 decode) fp32 multiply-adds, so no program pads its rows to 16."""
+    """acc + a @ b for a [BLOCK_N, R], b [R, C]: tl.dot for row blocks of >= 16 (the tensor-core tile), fp32
+    multiply-adds for fewer rows, so no program pads its rows to 16."""
     if a.shape[0] >= 16:
         return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
     return acc + tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
@@ -236,7 +236,7 @@ class GatherConfig(NamedTuple):
 def _config(rows: int, cols: int, reduce: int, block_c: int, up: bool, weight_bytes: int,
             device: torch.device) -> GatherConfig:
     block_n = min(128, max(16, triton.next_power_of_2(rows)))
-    if up and block_n > 64 and rows * cols < 2 * num_sms(device) * 128 * block_c:
+    if up and block_n > 64 and triton.cdiv(cols, block_c) < 2 * num_sms(device):
         # too few 128-row tiles to fill the GPU (small k): blocks of 64 rows before splitting the reduction; a row
         # block's neighbour runs beside it, so the second read of a weight row is mostly from L2 (sweep 12, OPT-6.7B
         # B=128 at 10%: gather_up 18.8 -> 14.5 µs; gather_down, whose tiles span d, gained nothing, and 32-row blocks
