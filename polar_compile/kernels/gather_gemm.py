@@ -239,22 +239,38 @@ def _config(rows: int, cols: int, reduce: int, block_c: int, up: bool, weight_by
     if up and block_n > 64 and triton.cdiv(cols, block_c) < 2 * num_sms(device):
         # too few 128-row tiles to fill the GPU (small k): blocks of 64 rows before splitting the reduction; a row
         # block's neighbour runs beside it, so the second read of a weight row is mostly from L2 (sweep 12, OPT-6.7B
-        # B=128 at 10%: gather_up 18.8 -> 14.5 µs; gather_down, whose tiles span d, gained nothing, and 32-row blocks
-        # at B=64 lost up to 9% at densities 0.25-1.0: run 39)
+        # B=128 at 10%: gather_up 18.8 -> 14.5 µs; gather_down, whose tiles span d, gained nothing there)
         block_n = 64
+    config = _tile_config(rows, cols, reduce, block_n, block_c, up, weight_bytes, device)
+    if not up and block_n == 64 and config.splits < _wanted_splits(config, rows, cols, reduce, device):
+        # the partials' cap, not the reduction, limits gather_down's splits (small k over a narrow d_out): 32-row
+        # blocks double the tiles, so fewer splits are wanted (sweeps 08 and 12, OPT-6.7B B=64 at 10%: 16.8 -> 15.0
+        # µs, the whole MLP 28.0 -> 27.5 in run 40; B=128 kept its 128-row tile: 32-row blocks took 23.0-26.6 µs
+        # against 20.8; a rule for every batch over 32 rows lost 3-9% at densities 0.25-1.0: run 39)
+        config = _tile_config(rows, cols, reduce, 32, block_c, up, weight_bytes, device)
+    return config
+
+
+def _tile_config(rows: int, cols: int, reduce: int, block_n: int, block_c: int, up: bool, weight_bytes: int,
+                 device: torch.device) -> GatherConfig:
+    """The launch for row blocks of ``block_n``: tile widths and warps for that block, then the splits."""
     block_r = 128 if block_n <= 32 else 64  # x/h tile + weight tile, 3 stages: <= 72 KiB of shared memory
     num_warps = 4 if block_n <= 32 else 8
     if block_n == 64:  # sweep 08 (B = 64): 64 columns a program, 8 warps for up and 4 for down
         block_c, num_warps = 64, 8 if up else 4
-    tiles = triton.cdiv(rows, block_n) * triton.cdiv(cols, block_c)
-    # fewer tiles than 2 per SM: split for ~4 programs per SM (sweeps 01-04: OPT-66B gather_down 1.15x with 4 splits
-    # over 2; 6.7B shapes flat to 1.06x)
-    splits = 1 if tiles >= 2 * num_sms(device) else triton.cdiv(4 * num_sms(device), tiles)
-    splits = min(splits, MAX_SPLITS, max(1, triton.cdiv(reduce, 2 * block_r)))  # >= 2 chunks a split
+    config = GatherConfig(block_n, block_c, block_r, 1, num_warps=num_warps, num_stages=3)
+    splits = _wanted_splits(config, rows, cols, reduce, device)
     # fp32 partials (written and read once) cost at most 1/2 of the weight bytes the call streams (sweep 08: at
     # OPT-6.7B B=128 a cap of 1/4 left gather_down one split, 2.3x slower than two)
-    splits = max(1, min(splits, weight_bytes // (2 * 4 * max(1, rows * cols))))
-    return GatherConfig(block_n, block_c, block_r, splits, num_warps=num_warps, num_stages=3)
+    return config._replace(splits=max(1, min(splits, weight_bytes // (2 * 4 * max(1, rows * cols)))))
+
+
+def _wanted_splits(config: GatherConfig, rows: int, cols: int, reduce: int, device: torch.device) -> int:
+    """Splits of the reduction for ~4 programs per SM when the tiles are fewer than 2 per SM (sweeps 01-04:
+    OPT-66B gather_down 1.15x with 4 splits over 2; 6.7B shapes flat to 1.06x), each split >= 2 chunks."""
+    tiles = triton.cdiv(rows, config.block_n) * triton.cdiv(cols, config.block_c)
+    splits = 1 if tiles >= 2 * num_sms(device) else triton.cdiv(4 * num_sms(device), tiles)
+    return min(splits, MAX_SPLITS, max(1, triton.cdiv(reduce, 2 * config.block_r)))
 
 
 def gather_up_config(rows: int, d: int, k: int, gated: bool, dtype: torch.dtype, device: torch.device) -> GatherConfig:

@@ -226,13 +226,15 @@ def test_heuristic_configs_for_model_shapes(d, ffn):
     for rows in (1, 8, 16, 32, 64, 128):
         for density in (0.1, 0.25, 0.5, 1.0):
             k = round(density * ffn)
-            for config, cols, weight_bytes in (
-                (gather_up_config(rows, d, k, False, torch.bfloat16, cpu), k, 2 * k * d),
-                (gather_up_config(rows, d, k, True, torch.bfloat16, cpu), k, 4 * k * d),
-                (gather_down_config(rows, k, d, torch.bfloat16, cpu), d, 2 * k * d),
+            for up, config, cols, weight_bytes in (
+                (True, gather_up_config(rows, d, k, False, torch.bfloat16, cpu), k, 2 * k * d),
+                (True, gather_up_config(rows, d, k, True, torch.bfloat16, cpu), k, 4 * k * d),
+                (False, gather_down_config(rows, k, d, torch.bfloat16, cpu), d, 2 * k * d),
             ):
-                # gather_up splits over 64 rows into blocks of 64 when 128-row tiles would be too few
-                assert config.block_n >= rows or (config.block_n == 64 and cols == k and config.splits > 1)
+                # gather_up splits over 64 rows into blocks of 64 when 128-row tiles would be too few, gather_down
+                # 64 rows into blocks of 32 when its partials' cap would bound the splits
+                assert config.block_n >= rows or (config.splits > 1 and (config.block_n, rows) in (
+                    ((64, 128),) if up else ((32, 64),)))
                 if config.block_n == 1:  # gather_up's multiply-add path at B=1
                     assert cols == k and config.splits == 1 and d % config.block_r == 0
                     assert 2 * 132 <= math.ceil(k / config.block_c) <= 65535
@@ -246,3 +248,4 @@ def test_heuristic_configs_for_model_shapes(d, ffn):
     assert gather_up_config(2, d, round(0.1 * ffn), False, torch.bfloat16, cpu).splits > 1
     assert gather_up_config(1, d, 256, False, torch.bfloat16, cpu).splits > 1  # too few neurons: split tl.dot tiles
     assert gather_up_config(128, d, ffn, False, torch.bfloat16, cpu).splits == 1
+    assert gather_down_config(64, ffn, d, torch.bfloat16, cpu).block_n == 64  # many neurons: no cap, one block
