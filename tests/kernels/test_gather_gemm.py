@@ -176,6 +176,21 @@ def test_default_configs_split_and_finish(dtype):
     torch.testing.assert_close(sum(parts.unbind(0)[1:], parts[0]).add(b_down.float()).to(dtype), out, atol=0, rtol=ulps)
 
 
+def test_default_config_for_a_batch_in_two_row_blocks():
+    """64 rows over few neurons and a narrow d_out, where the partials' cap would bound the splits: the heuristic
+    runs two 32-row blocks (each writes only its own rows) and still splits k; against float64, output poisoned."""
+    generator = torch.Generator().manual_seed(6)
+    rows, k, ffn, d_out, dtype = 64, 1024, 1100, 64, torch.bfloat16
+    config = gather_down_config(rows, k, d_out, dtype, torch.device(DEVICE))
+    assert config.block_n == 32 and config.splits > 1
+    h = make((rows, k), dtype, generator).relu()
+    w_t = make((ffn, d_out), dtype, generator, scale=k**-0.5)
+    b = make((d_out,), dtype, generator)
+    idx = random_idx(ffn, k, generator, "sorted")
+    out = torch.full((rows, d_out), math.nan, dtype=dtype, device=DEVICE)
+    check(gather_down_triton(h, w_t, b, idx, out=out), out, down_float64(h, w_t, b, idx), dtype)
+
+
 @pytest.mark.parametrize("gated", [False, True])
 def test_default_config_for_one_row(gated):
     """B=1 with enough neurons for the heuristic's one-row path (fp32 multiply-adds, no split) against float64."""
