@@ -276,7 +276,8 @@ def _wanted_splits(config: GatherConfig, rows: int, cols: int, reduce: int, devi
 def gather_up_config(rows: int, d: int, k: int, gated: bool, dtype: torch.dtype, device: torch.device) -> GatherConfig:
     """Launch configuration of gather_up / gather_gated_up from shapes alone (static, so CUDA-graph safe).
 
-    A decode batch (N <= 128) is one row block, so the selected weight rows are read once; 32 neurons a program
+    A decode batch (N <= 128) is one row block, so the selected weight rows are read once (but 128 rows over too
+    few neurons for 2 tiles per SM: two 64-row blocks, side by side, the second read from L2); 32 neurons a program
     (64 for 32 < N <= 64), d in chunks of 128 (64 for N > 32): 256 B of each gathered row a step. When that gives
     fewer than 2 programs per SM (small k), d is split for about 4 programs per SM, over up to 8 programs, each >= 2
     chunks, while the fp32 partials stay under 1/2 of the weight bytes read (benchmarks/mlp_sweep.py tunes these).
@@ -299,7 +300,7 @@ def gather_up_config(rows: int, d: int, k: int, gated: bool, dtype: torch.dtype,
 def gather_down_config(rows: int, k: int, d_out: int, dtype: torch.dtype, device: torch.device) -> GatherConfig:
     """Launch configuration of gather_down from shapes alone: as ``gather_up_config``, with 64 output features a
     program (128 B of each gathered w_t row in bf16: whole cache lines) and the k selected neurons split instead
-    of d."""
+    of d; a batch of 33-64 rows runs as two 32-row blocks when the partials' cap would bound its splits."""
     return _config(rows, d_out, k, 64, False, k * d_out * torch.finfo(dtype).bits // 8, device)
 
 
